@@ -1,0 +1,142 @@
+"""``KVTierConnector``: vLLM KV connector for hybrid (Mamba/GDN + attention) models.
+
+Load with::
+
+    --kv-transfer-config '{"kv_connector": "KVTierConnector",
+      "kv_connector_module_path": "kvtier.connectors.vllm", "kv_role": "kv_both",
+      "kv_connector_extra_config": {"tier_url": "grpc://127.0.0.1:7070"}}'
+
+Requires ``--enable-prefix-caching --mamba-cache-mode align``. This class only
+wires vLLM's interface to :mod:`.scheduler` and :mod:`.worker`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    SupportsHMA,
+)
+
+from kvtier.backends.guard import GuardedBackend
+from kvtier.config import ConnectorConfig, load_config
+from kvtier.connectors.vllm.layout import CacheLayout, UnsupportedLayout
+from kvtier.connectors.vllm.metadata import KVTierMetadata
+from kvtier.connectors.vllm.scheduler import SchedulerSide
+from kvtier.connectors.vllm.stats import ConnectorStats
+from kvtier.connectors.vllm.worker import WorkerSide
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+__all__ = ["KVTierConnector", "KVTierMetadata"]
+log = logging.getLogger("kvtier.connector")
+
+
+class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
+                 kv_cache_config: KVCacheConfig):
+        super().__init__(vllm_config, role, kv_cache_config)
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        self.cfg: ConnectorConfig = load_config(ConnectorConfig, extra)
+        # A failed load must mean "recompute", never "fail the request".
+        if self._kv_transfer_config.kv_load_failure_policy != "recompute":
+            object.__setattr__(self._kv_transfer_config, "kv_load_failure_policy", "recompute")
+        self.stats = ConnectorStats()
+        self._sched: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
+        try:
+            self.layout: CacheLayout | None = CacheLayout.from_vllm(
+                vllm_config, kv_cache_config, self.cfg.model_id)
+        except UnsupportedLayout as e:
+            log.warning("kvtier connector idle: %s", e)
+            self.layout = None
+            return
+        tier = GuardedBackend(self.cfg.tier_url, self.cfg.timeout_s, self.cfg.retry_after_s)
+        if role == KVConnectorRole.SCHEDULER:
+            self._sched = SchedulerSide(self.cfg, self.layout, tier, self.stats)
+        else:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            try:
+                rank = get_tensor_model_parallel_rank()
+            except Exception:  # noqa: BLE001 - no TP group outside a worker
+                rank = 0
+            self._worker = WorkerSide(self.cfg, self.layout, tier, self.stats, rank,
+                                      kv_cache_config.num_blocks)
+        log.info("kvtier connector (%s) on %s, namespace %s, boundary every %d tokens",
+                 role.name.lower(), self.cfg.tier_url,
+                 self.layout.namespace(self.cfg.tenant).hex, self.layout.scheduler_block_size)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a best-effort cache: a dropped save is a future miss
+
+    # -- worker side ---------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        if self._worker is not None:
+            self._worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        if self._worker is not None and isinstance(meta, KVTierMetadata):
+            self._worker.start_load_kv(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None  # loads are synchronous and complete before the forward pass
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor,
+                      attn_metadata: AttentionMetadata, **kwargs: Any) -> None:
+        return None  # saved per step in wait_for_save (GDN layers never call this)
+
+    def wait_for_save(self) -> None:
+        if self._worker is None or not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        if isinstance(meta, KVTierMetadata):
+            self._worker.wait_for_save(meta)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_load_errors() if self._worker is not None else set()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+
+    # -- scheduler side ------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Request,
+                                   num_computed_tokens: int) -> tuple[int | None, bool]:
+        if self._sched is None:
+            return 0, False
+        return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
+                                 num_external_tokens: int) -> None:
+        if self._sched is not None:
+            self._sched.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        if self._sched is None:
+            return KVTierMetadata()
+        return self._sched.build_connector_meta(scheduler_output)
+
+    def request_finished(self, request: Request,
+                         block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return self.request_finished_all_groups(request, (block_ids,))
+
+    def request_finished_all_groups(self, request: Request, block_ids: tuple[list[int], ...]
+                                    ) -> tuple[bool, dict[str, Any] | None]:
+        if self._sched is None:
+            return False, None
+        return self._sched.request_finished(request)

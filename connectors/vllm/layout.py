@@ -1,0 +1,135 @@
+"""What the connector derives from vLLM's KV-cache config, identically on both sides.
+
+The scheduler and the worker each build a :class:`CacheLayout` from the
+``kv_cache_config`` vLLM hands them (never from ``cache_config``, whose
+block sizes can disagree with the workers'). Its fingerprint is the layout
+part of every key's namespace.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kvtier.keys import BlockKey, Namespace, fingerprint
+from kvtier.lookup import GroupKind, GroupQuery
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    group_id: int
+    kind: GroupKind
+    block_size: int
+    layer_names: tuple[str, ...]
+    spec: dict[str, Any]
+
+
+class UnsupportedLayout(ValueError):
+    """A KV-cache structure kvtier cannot store faithfully (the connector then stays idle)."""
+
+
+def _describe_spec(spec: Any) -> tuple[GroupKind, dict[str, Any]]:
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec
+
+    name = type(spec).__name__
+    base = {"type": name, "block_size": spec.block_size, "page": spec.page_size_bytes}
+    if isinstance(spec, MambaSpec):
+        base.update(
+            shapes=[list(s) for s in spec.shapes],
+            dtypes=[str(d) for d in spec.dtypes],
+            mamba_type=str(spec.mamba_type),
+            mode=spec.mamba_cache_mode,
+        )
+        if spec.mamba_cache_mode != "align":
+            raise UnsupportedLayout(
+                "recurrent groups need --mamba-cache-mode align (states are only "
+                "written at block boundaries in that mode)"
+            )
+        return GroupKind.STATE, base
+    if type(spec) is FullAttentionSpec or (
+        isinstance(spec, FullAttentionSpec) and getattr(spec, "sliding_window", None) is None
+    ):
+        base.update(
+            heads=spec.num_kv_heads,
+            head=spec.head_size,
+            head_v=spec.head_size_v,
+            dtype=str(spec.dtype),
+        )
+        return GroupKind.ATTENTION, base
+    raise UnsupportedLayout(f"KV-cache spec {name} is not supported by kvtier yet")
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    groups: tuple[GroupLayout, ...]
+    scheduler_block_size: int  # tokens between restorable boundaries (LCM of group sizes)
+    hash_block_size: int  # granularity of Request.block_hashes
+    fingerprint: str
+    model: str
+    tp_size: int
+
+    @classmethod
+    def from_vllm(cls, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig,
+                  model_id: str | None = None) -> CacheLayout:
+        cacheable = set(kv_cache_config.prefix_cacheable_group_ids)
+        groups = []
+        for gid, g in enumerate(kv_cache_config.kv_cache_groups):
+            if gid not in cacheable:
+                continue
+            kind, spec = _describe_spec(g.kv_cache_spec)
+            groups.append(GroupLayout(gid, kind, g.kv_cache_spec.block_size,
+                                      tuple(g.layer_names), spec))
+        if not any(g.kind is GroupKind.ATTENTION for g in groups):
+            raise UnsupportedLayout("no full-attention group to anchor prefixes on")
+        sizes = [g.block_size for g in groups]
+        sched_bs = math.lcm(*sizes)
+        hash_bs = kv_cache_config.hash_block_size or math.gcd(*sizes)
+        for g in groups:
+            if g.block_size % hash_bs:
+                raise UnsupportedLayout(f"group {g.group_id} block size not a multiple of hashes")
+            if g.kind is GroupKind.STATE and g.block_size != sched_bs:
+                raise UnsupportedLayout("state groups must use the scheduler block size")
+        tp = vllm_config.parallel_config.tensor_parallel_size
+        model = model_id or vllm_config.model_config.model
+        desc = {
+            "groups": [{"id": g.group_id, "layers": list(g.layer_names), **g.spec} for g in groups],
+            "tp": tp,
+            "pp": vllm_config.parallel_config.pipeline_parallel_size,
+            "hash_algo": vllm_config.cache_config.prefix_caching_hash_algo,
+            "hash_bs": hash_bs,
+        }
+        return cls(tuple(groups), sched_bs, hash_bs, fingerprint(desc), model, tp)
+
+    def namespace(self, tenant: str = "") -> Namespace:
+        return Namespace(self.model, self.fingerprint, tenant)
+
+    def group(self, gid: int) -> GroupLayout:
+        for g in self.groups:
+            if g.group_id == gid:
+                return g
+        raise KeyError(gid)
+
+    @property
+    def anchor(self) -> GroupLayout:
+        """The attention group that recurrent states hang off (their eviction parent)."""
+        return next(g for g in self.groups if g.kind is GroupKind.ATTENTION)
+
+    def group_queries(self) -> list[GroupQuery]:
+        return [GroupQuery(g.group_id, g.kind, g.block_size // self.hash_block_size)
+                for g in self.groups]
+
+    def block_hash(self, hashes: Any, group: GroupLayout, block_index: int) -> bytes | None:
+        """Hash closing ``block_index`` of ``group`` (None if that block is not full yet)."""
+        per = group.block_size // self.hash_block_size
+        i = (block_index + 1) * per - 1
+        return bytes(hashes[i]) if 0 <= i < len(hashes) else None
+
+    def key(self, ns: bytes, rank: int, hashes: Any, group: GroupLayout,
+            block_index: int) -> BlockKey | None:
+        h = self.block_hash(hashes, group, block_index)
+        return None if h is None else BlockKey(ns, rank, group.group_id, h)

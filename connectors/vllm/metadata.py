@@ -1,0 +1,34 @@
+"""What the scheduler side tells the worker side each step (pickled to workers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+
+@dataclass(frozen=True, slots=True)
+class BlockIO:
+    """One block to move: which group, which paged block, under which stored key."""
+
+    group_id: int
+    block_id: int
+    block_hash: bytes
+    parent_hash: bytes | None = None  # hash of the block this one extends (saves only)
+    parent_group: int | None = None
+
+
+@dataclass
+class LoadJob:
+    req_id: str
+    blocks: list[BlockIO]
+    # Every paged block of the load: reported as failed if any part fails, so
+    # vLLM recomputes the request instead of running on partial state.
+    all_block_ids: list[int]
+    restored_tokens: int = 0
+
+
+@dataclass
+class KVTierMetadata(KVConnectorMetadata):
+    loads: list[LoadJob] = field(default_factory=list)
+    saves: list[BlockIO] = field(default_factory=list)

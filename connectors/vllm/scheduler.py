@@ -1,0 +1,212 @@
+"""Scheduler side of the connector: decides what to load and what to save.
+
+Loads: on admission, one lookup asks the tier for the deepest boundary at which
+every group (attention blocks *and* the recurrent state) can be restored; vLLM
+is told exactly that many tokens and the worker loads them before the forward
+pass (synchronous loads, so a failure is known before any token is produced).
+
+Saves: an attention block is saved in the step that fills it; a recurrent state
+is saved in the step vLLM offers it (``boundary_state_offloads``, prefill and
+decode boundaries alike). The worker copies them out at the end of that same
+step, while the request still owns the blocks, so nothing needs pinning.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kvtier.backends.guard import GuardedBackend
+from kvtier.config import ConnectorConfig
+from kvtier.lookup import GroupKind, LookupQuery
+from kvtier.connectors.vllm.layout import CacheLayout
+from kvtier.connectors.vllm.metadata import BlockIO, KVTierMetadata, LoadJob
+from kvtier.connectors.vllm.stats import ConnectorStats
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger("kvtier.connector")
+
+
+@dataclass
+class _ReqState:
+    request: Request
+    restored_tokens: int  # local + external hit at admission: nothing below is re-saved
+    next_save: dict[int, int] = field(default_factory=dict)  # attention group -> block index
+
+
+class SchedulerSide:
+    def __init__(self, cfg: ConnectorConfig, layout: CacheLayout, tier: GuardedBackend,
+                 stats: ConnectorStats):
+        self.cfg = cfg
+        self.layout = layout
+        self.tier = tier
+        self.stats = stats
+        self.ns = layout.namespace(cfg.tenant).id
+        self._pending_hits: dict[str, tuple[int, int]] = {}  # req -> (local tokens, ext tokens)
+        self._reqs: dict[str, _ReqState] = {}
+        self._loads: list[LoadJob] = []
+
+    # -- admission -----------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Request, num_computed: int) -> tuple[int, bool]:
+        self._pending_hits[request.request_id] = (num_computed, 0)
+        if not self.cfg.load or getattr(request, "skip_reading_prefix_cache", False):
+            return 0, False
+        S = self.layout.scheduler_block_size
+        if num_computed % S:
+            return 0, False
+        max_boundary = (request.num_tokens - 1) // S  # vLLM must compute >= 1 token
+        start = num_computed // S
+        if max_boundary <= start:
+            return 0, False
+        query = LookupQuery(
+            namespace=self.ns,
+            rank=0,
+            hashes=[bytes(h) for h in request.block_hashes],
+            hashes_per_boundary=S // self.layout.hash_block_size,
+            groups=self.layout.group_queries(),
+            start_boundary=start,
+            max_boundary=max_boundary,
+        )
+        result = self.tier.lookup(query)
+        ext = max(0, result.boundary * S - num_computed)
+        self.stats.lookup(ext > 0, result.reason.value if ext == 0 else "hit")
+        if ext:
+            self._pending_hits[request.request_id] = (num_computed, ext)
+        return ext, False
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
+                                 num_external_tokens: int) -> None:
+        rid = request.request_id
+        local, _ = self._pending_hits.pop(rid, (request.num_computed_tokens, 0))
+        restored = local + num_external_tokens
+        st = _ReqState(request, restored)
+        for g in self.layout.groups:
+            if g.kind is GroupKind.ATTENTION:
+                st.next_save[g.group_id] = restored // g.block_size
+        self._reqs[rid] = st
+        if num_external_tokens <= 0:
+            return
+        block_ids = blocks.get_block_ids()
+        hashes = request.block_hashes
+        ios: list[BlockIO] = []
+        ok = restored % self.layout.scheduler_block_size == 0
+        for g in self.layout.groups:
+            if g.kind is GroupKind.ATTENTION:
+                idxs = range(local // g.block_size, restored // g.block_size)
+            else:
+                idxs = range(restored // g.block_size - 1, restored // g.block_size)
+            for i in idxs:
+                h = self.layout.block_hash(hashes, g, i)
+                ids = block_ids[g.group_id]
+                if h is None or i >= len(ids) or ids[i] == 0:
+                    ok = False
+                    continue
+                ios.append(BlockIO(g.group_id, ids[i], h))
+        all_ids = [b for ids in block_ids for b in ids if b]
+        if not ok:
+            # Cannot describe the load exactly: fail it so vLLM recomputes.
+            log.warning("kvtier: cannot map the %d-token load of %s; recomputing",
+                        num_external_tokens, rid)
+            self._loads.append(LoadJob(rid, [], all_ids))
+            return
+        self._loads.append(LoadJob(rid, ios, [b.block_id for b in ios], restored))
+
+    # -- per step ------------------------------------------------------------
+    def build_connector_meta(self, out: SchedulerOutput) -> KVTierMetadata:
+        meta = KVTierMetadata(loads=self._loads)
+        self._loads = []
+        self._add_running_state_targets(meta, out)
+        if not self.cfg.save:
+            return meta
+        gone = set(out.preempted_req_ids or ()) | set(out.finished_req_ids)
+        for rid in gone:
+            self._reqs.pop(rid, None)
+        block_state = out.kv_connector_block_state
+        if block_state is None:
+            return meta
+        anchor = self.layout.anchor
+        for rid, n in out.num_scheduled_tokens.items():
+            st = self._reqs.get(rid)
+            if st is None or n <= 0:
+                continue
+            ids = block_state.get_block_ids(rid)
+            if ids is None:
+                continue
+            req = st.request
+            end = req.num_computed_tokens + n
+            hashes = req.block_hashes
+            for g in self.layout.groups:
+                if g.kind is not GroupKind.ATTENTION:
+                    continue
+                first = st.next_save[g.group_id]
+                last = min(end // g.block_size, len(ids[g.group_id]))
+                for i in range(first, last):
+                    h = self.layout.block_hash(hashes, g, i)
+                    if h is None:
+                        last = i
+                        break
+                    bid = ids[g.group_id][i]
+                    if bid:
+                        parent = self.layout.block_hash(hashes, g, i - 1) if i else None
+                        meta.saves.append(BlockIO(g.group_id, bid, h, parent, g.group_id))
+                st.next_save[g.group_id] = max(first, last)
+        for rid, entries in block_state.boundary_state_offloads.items():
+            st = self._reqs.get(rid)
+            if st is None or rid in gone:
+                continue
+            hashes = st.request.block_hashes
+            for gid, bid, boundary in entries:
+                try:
+                    g = self.layout.group(gid)
+                except KeyError:
+                    continue
+                if g.kind is not GroupKind.STATE or not bid or boundary % g.block_size:
+                    continue
+                if boundary <= st.restored_tokens:
+                    continue  # restored from the tier or the local cache: already stored
+                h = self.layout.block_hash(hashes, g, boundary // g.block_size - 1)
+                ph = self.layout.block_hash(hashes, anchor, boundary // anchor.block_size - 1)
+                if h is None or ph is None:
+                    continue
+                meta.saves.append(BlockIO(gid, bid, h, ph, anchor.group_id))
+        return meta
+
+    def _add_running_state_targets(self, meta: KVTierMetadata, out: SchedulerOutput) -> None:
+        """Also write each restored state into the block the forward pass will run from.
+
+        In align mode the worker copies a request's last state into its current
+        "running" block (index ``cdiv(computed + scheduled, block) - 1``) *before*
+        connector loads run, so a restored state must land there too.
+        """
+        block_state = out.kv_connector_block_state
+        for job in meta.loads:
+            if not job.blocks:
+                continue
+            n = out.num_scheduled_tokens.get(job.req_id, 0)
+            ids = block_state.get_block_ids(job.req_id) if block_state is not None else None
+            if n <= 0 or ids is None:
+                job.blocks = []  # cannot place the state: fail the load, vLLM recomputes
+                continue
+            extra = []
+            for b in job.blocks:
+                g = self.layout.group(b.group_id)
+                if g.kind is not GroupKind.STATE:
+                    continue
+                idx = -(-(job.restored_tokens + n) // g.block_size) - 1
+                if idx >= len(ids[b.group_id]) or not ids[b.group_id][idx]:
+                    job.blocks = []
+                    break
+                extra.append(BlockIO(b.group_id, ids[b.group_id][idx], b.block_hash))
+            else:
+                job.blocks.extend(extra)
+                job.all_block_ids.extend(x.block_id for x in extra)
+
+    def request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
+        self._reqs.pop(request.request_id, None)
+        self._pending_hits.pop(request.request_id, None)
+        return False, None

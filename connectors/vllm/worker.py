@@ -1,0 +1,183 @@
+"""Worker side of the connector: moves bytes between vLLM's paged cache and the tier.
+
+Loads run before the forward pass (the scheduler asks for synchronous loads):
+one batched fetch, every payload validated (key, layout, length, checksum),
+then one scatter per group. Any failure marks the request's loaded blocks as
+errored so vLLM recomputes them: at worst slower, never wrong.
+
+Saves are gathered at the end of the step that wrote them (so the request
+still owns the blocks) into one staging buffer, and uploaded by a background
+thread; a full queue or an unreachable tier drops saves, never stalls decode.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+
+from kvtier import payload
+from kvtier.backends.base import PutItem
+from kvtier.backends.guard import GuardedBackend
+from kvtier.config import ConnectorConfig
+from kvtier.keys import BlockKey
+from kvtier.kernels.torch_copy import BlockView, gather, scatter
+from kvtier.connectors.vllm.layout import CacheLayout
+from kvtier.connectors.vllm.metadata import BlockIO, KVTierMetadata
+from kvtier.connectors.vllm.stats import ConnectorStats
+
+log = logging.getLogger("kvtier.connector")
+_STOP = object()
+
+
+def _block_view(t: torch.Tensor, num_blocks: int) -> BlockView:
+    for dim in (0, 1):
+        if t.dim() > dim and t.shape[dim] == num_blocks:
+            return BlockView(t, dim)
+    raise ValueError(f"no block dimension of size {num_blocks} in KV tensor {tuple(t.shape)}")
+
+
+class WorkerSide:
+    def __init__(self, cfg: ConnectorConfig, layout: CacheLayout, tier: GuardedBackend,
+                 stats: ConnectorStats, rank: int, num_blocks: int):
+        self.cfg = cfg
+        self.layout = layout
+        self.tier = tier
+        self.stats = stats
+        self.rank = rank
+        self.num_blocks = num_blocks
+        self.ns = layout.namespace(cfg.tenant).id
+        self.views: dict[int, list[BlockView]] = {}
+        self.digests: dict[int, bytes] = {}
+        self._errors: set[int] = set()
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, cfg.save_queue_blocks // 16))
+        self._uploader: threading.Thread | None = None
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        for g in self.layout.groups:
+            views: list[BlockView] = []
+            for name in g.layer_names:
+                t = kv_caches[name]
+                tensors = list(t) if isinstance(t, (list, tuple)) else [t]
+                views.extend(_block_view(x, self.num_blocks) for x in tensors)
+            self.views[g.group_id] = views
+            desc = f"g{g.group_id}|" + "|".join(v.describe() for v in views)
+            self.digests[g.group_id] = payload.layout_digest(desc)
+        self._uploader = threading.Thread(target=self._upload_loop, name="kvtier-upload",
+                                          daemon=True)
+        self._uploader.start()
+
+    def _key(self, gid: int, h: bytes) -> BlockKey:
+        return BlockKey(self.ns, self.rank, gid, h)
+
+    # -- loads ---------------------------------------------------------------
+    def start_load_kv(self, meta: KVTierMetadata) -> None:
+        jobs = [j for j in meta.loads if j.blocks or j.all_block_ids]
+        if not jobs:
+            return
+        flat = [(j, b) for j in jobs for b in j.blocks]
+        keys = [self._key(b.group_id, b.block_hash).encode() for _, b in flat]
+        unique = list(dict.fromkeys(keys))
+        fetched = dict(zip(unique, self.tier.get_many(unique))) if unique else {}
+        values = [fetched[k] for k in keys]
+        failed_jobs = {id(j) for j in jobs if not j.blocks}
+        good: dict[int, list[tuple[int, memoryview]]] = defaultdict(list)
+        for (job, b), raw in zip(flat, values):
+            if id(job) in failed_jobs:
+                continue
+            try:
+                if raw is None:
+                    raise payload.PayloadError("missing")
+                data = payload.decode(raw, self._key(b.group_id, b.block_hash),
+                                      self.digests[b.group_id])
+                expect = sum(v.block_nbytes for v in self.views[b.group_id])
+                if data.nbytes != expect:
+                    raise payload.PayloadError(f"{data.nbytes} bytes, expected {expect}")
+            except payload.PayloadError as e:
+                self.stats.add(f"load_error_{'missing' if str(e) == 'missing' else 'invalid'}")
+                log.warning("kvtier: load of %s failed (%s); recomputing", job.req_id, e)
+                failed_jobs.add(id(job))
+                continue
+            good[id(job)].append((b.group_id, b.block_id, data))
+        loaded_tokens = 0
+        by_group: dict[int, list[tuple[int, memoryview]]] = defaultdict(list)
+        for job in jobs:
+            if id(job) in failed_jobs:
+                self._errors.update(job.all_block_ids)
+                continue
+            for gid, bid, data in good[id(job)]:
+                by_group[gid].append((bid, data))
+            loaded_tokens += 1
+        for gid, items in by_group.items():
+            rows = torch.frombuffer(bytearray(b"".join(d for _, d in items)), dtype=torch.uint8)
+            scatter(self.views[gid], [bid for bid, _ in items], rows.view(len(items), -1))
+            self.stats.add("blocks_loaded", len(items))
+        self.stats.add("requests_loaded", loaded_tokens)
+
+    def take_load_errors(self) -> set[int]:
+        errs, self._errors = self._errors, set()
+        return errs
+
+    # -- saves ---------------------------------------------------------------
+    def wait_for_save(self, meta: KVTierMetadata) -> None:
+        if not meta.saves:
+            return
+        by_group: dict[int, list[BlockIO]] = defaultdict(list)
+        for b in meta.saves:
+            by_group[b.group_id].append(b)
+        items: list[PutItem] = []
+        for gid, ios in by_group.items():
+            rows = gather(self.views[gid], [b.block_id for b in ios])
+            buf = rows.numpy()
+            for i, b in enumerate(ios):
+                key = self._key(gid, b.block_hash)
+                parent = (self._key(b.parent_group, b.parent_hash).encode()
+                          if b.parent_hash is not None and b.parent_group is not None else None)
+                items.append(PutItem(key.encode(), payload.encode(key, self.digests[gid], buf[i]),
+                                     parent))
+        # Parents before children: attention blocks in order, then the states on them.
+        order = {gid: i for i, gid in enumerate(g.group_id for g in self.layout.groups
+                                                if g.kind.value == "attention")}
+        items.sort(key=lambda it: 0 if BlockKey.decode(it.key).group in order else 1)
+        try:
+            self._queue.put_nowait(items)
+        except queue.Full:
+            self.stats.add("saves_dropped_queue_full", len(items))
+
+    def _upload_loop(self) -> None:
+        while True:
+            items = self._queue.get()
+            if items is _STOP:
+                return
+            stored = self.tier.put_many(items)
+            self.stats.add("blocks_saved", stored)
+            if stored < len(items):
+                self.stats.add("blocks_save_failed", len(items) - stored)
+            self._queue.task_done()
+
+    def flush(self, timeout_s: float = 10.0) -> None:
+        """Wait until queued saves are uploaded (used at shutdown and by tests)."""
+        done = threading.Event()
+
+        def waiter() -> None:
+            self._queue.join()
+            done.set()
+
+        threading.Thread(target=waiter, daemon=True).start()
+        done.wait(timeout_s)
+
+    def shutdown(self) -> None:
+        self.flush()
+        try:
+            self._queue.put_nowait(_STOP)
+        except queue.Full:
+            pass
+        self.tier.close()
+
+
+def describe_views(views: Sequence[BlockView]) -> str:
+    return ", ".join(v.describe() for v in views)

@@ -1,0 +1,157 @@
+"""The embedded in-process CPU store: a byte-bounded dict with prefix-aware eviction."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from kvtier.backends.base import Backend, BackendStats, EntryInfo, PutItem
+from kvtier.backends.eviction import EvictionPolicy, make_policy
+
+
+@dataclass(slots=True)
+class _Entry:
+    value: bytes
+    parent: bytes | None
+    children: int = 0
+    pinned: bool = False
+
+
+class MemoryBackend(Backend):
+    """Thread-safe; never holds more than ``capacity_bytes`` of payload."""
+
+    name = "memory"
+
+    def __init__(self, capacity_bytes: int = 1 << 30, policy: str | EvictionPolicy = "lru"):
+        if capacity_bytes <= 0:
+            raise ValueError("capacity_bytes must be positive")
+        self.capacity_bytes = capacity_bytes
+        self._policy = make_policy(policy) if isinstance(policy, str) else policy
+        self._entries: dict[bytes, _Entry] = {}
+        self._used = 0
+        self._lock = threading.Lock()
+        self._hits = self._misses = self._puts = self._evictions = self._rejected = 0
+
+    # -- reads -------------------------------------------------------------
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        with self._lock:
+            for k in keys:
+                e = self._entries.get(k)
+                if e is None:
+                    self._misses += 1
+                    out.append(None)
+                else:
+                    self._hits += 1
+                    self._policy.touched(k)
+                    out.append(e.value)
+        return out
+
+    def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
+        entries = self._entries
+        return [k in entries for k in keys]
+
+    def scan(self, prefix: bytes = b"", limit: int | None = None) -> Iterator[EntryInfo]:
+        with self._lock:
+            snap = [
+                EntryInfo(k, len(e.value), e.pinned, e.children)
+                for k, e in self._entries.items()
+                if k.startswith(prefix)
+            ]
+        snap.sort(key=lambda e: e.key)
+        yield from snap[:limit] if limit is not None else snap
+
+    # -- writes ------------------------------------------------------------
+    def put_many(self, items: Sequence[PutItem]) -> int:
+        stored = 0
+        with self._lock:
+            for it in items:
+                size = len(it.value)
+                if size > self.capacity_bytes:
+                    self._rejected += 1
+                    continue
+                old = self._entries.get(it.key)
+                if old is not None:
+                    # Same key, same meaning: keep the stored copy, just refresh it.
+                    self._policy.touched(it.key)
+                    stored += 1
+                    continue
+                # Link to the parent first so making room can never evict it.
+                parent = it.parent if it.parent in self._entries else None
+                if parent is not None:
+                    self._entries[parent].children += 1
+                if not self._make_room(size):
+                    if parent is not None:
+                        self._unlink(parent)
+                    self._rejected += 1
+                    continue
+                self._entries[it.key] = _Entry(it.value, parent)
+                self._used += size
+                self._policy.touched(it.key)
+                self._puts += 1
+                stored += 1
+        return stored
+
+    def delete_many(self, keys: Sequence[bytes]) -> int:
+        with self._lock:
+            return sum(self._remove(k) for k in keys)
+
+    def pin(self, keys: Sequence[bytes], pinned: bool = True) -> int:
+        n = 0
+        with self._lock:
+            for k in keys:
+                e = self._entries.get(k)
+                if e is not None:
+                    e.pinned = pinned
+                    n += 1
+                    if not pinned and e.children == 0:
+                        self._policy.leaf(k)
+        return n
+
+    def stats(self) -> BackendStats:
+        with self._lock:
+            return BackendStats(
+                backend=self.name,
+                entries=len(self._entries),
+                bytes_used=self._used,
+                capacity_bytes=self.capacity_bytes,
+                hits=self._hits,
+                misses=self._misses,
+                puts=self._puts,
+                evictions=self._evictions,
+                pinned=sum(1 for e in self._entries.values() if e.pinned),
+                extra={"rejected": self._rejected, "policy": self._policy.name},
+            )
+
+    # -- internals (lock held) --------------------------------------------
+    def _is_leaf(self, key: bytes) -> bool:
+        e = self._entries.get(key)
+        return e is not None and e.children == 0 and not e.pinned
+
+    def _make_room(self, size: int) -> bool:
+        while self._used + size > self.capacity_bytes:
+            victim = self._policy.victim(self._is_leaf)
+            if victim is None:
+                return False
+            self._remove(victim)
+            self._evictions += 1
+        return True
+
+    def _remove(self, key: bytes) -> bool:
+        e = self._entries.pop(key, None)
+        if e is None:
+            return False
+        self._used -= len(e.value)
+        self._policy.forget(key)
+        if e.parent is not None:
+            self._unlink(e.parent)
+        # Orphaned children stay (lookup verifies prefixes); they are leaves or parents as before.
+        return True
+
+    def _unlink(self, parent: bytes) -> None:
+        p = self._entries.get(parent)
+        if p is not None:
+            p.children -= 1
+            if p.children == 0 and not p.pinned:
+                self._policy.leaf(parent)

@@ -1,0 +1,101 @@
+"""Typed configuration: one object per component, every option validated with a fix-it message."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}
+TIER_SCHEMES = ("memory", "grpc", "redis", "rediss", "redis+cluster", "rediss+cluster")
+
+
+class ConfigError(ValueError):
+    """Raised with a message that says which option is wrong and how to fix it."""
+
+
+def parse_bytes(value: int | str) -> int:
+    """``"4GiB"`` -> 4294967296; plain ints pass through."""
+    if isinstance(value, int):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"cannot parse size {value!r}; use e.g. 512MiB, 4GiB or a byte count")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return n
+
+
+def check_tier_url(url: str) -> str:
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme not in TIER_SCHEMES:
+        raise ValueError(
+            f"tier url {url!r} has no supported scheme; use one of "
+            + ", ".join(f"{s}://" for s in TIER_SCHEMES)
+            + " (e.g. grpc://127.0.0.1:7070)"
+        )
+    return url
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    """``kvtier serve``: the tier server and the store behind it."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(7070, ge=0, le=65535)
+    capacity: int = Field(4 << 30, description="bytes of payload the memory store may hold")
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str | None = None
+    eviction: Literal["lru", "fifo"] = "lru"
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    max_workers: int = Field(8, ge=1, le=256)
+
+    @field_validator("capacity", mode="before")
+    @classmethod
+    def _cap(cls, v: Any) -> int:
+        return parse_bytes(v)
+
+    def model_post_init(self, _ctx: Any) -> None:
+        if self.backend == "redis" and not self.redis_url:
+            raise ConfigError("--backend redis needs --redis-url (e.g. redis://127.0.0.1:6379/0)")
+
+
+class ConnectorConfig(_Strict):
+    """``kv_connector_extra_config`` of :class:`kvtier.connectors.vllm.KVTierConnector`."""
+
+    tier_url: str = "grpc://127.0.0.1:7070"
+    tenant: str = Field("", description="salt separating tenants that must not share blocks")
+    timeout_s: float = Field(2.0, gt=0, le=600, description="per tier call")
+    retry_after_s: float = Field(5.0, ge=0, description="back-off after the tier failed")
+    save: bool = True
+    load: bool = True
+    save_queue_blocks: int = Field(4096, ge=1, description="blocks waiting for upload before drops")
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    model_id: str | None = Field(None, description="override the model identity in the namespace")
+
+    @field_validator("tier_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return check_tier_url(v)
+
+
+def load_config(cls: type[_Strict], data: dict[str, Any] | None) -> Any:
+    """Build ``cls`` from a dict, turning pydantic errors into one readable ConfigError."""
+    try:
+        return cls(**(data or {}))
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "config"
+            lines.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+        fields = ", ".join(sorted(cls.model_fields))
+        raise ConfigError(
+            f"invalid {cls.__name__}: " + "; ".join(lines) + f". Known options: {fields}"
+        ) from None

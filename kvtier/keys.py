@@ -1,0 +1,88 @@
+"""Keys: what a stored block *means*.
+
+A block is addressed by (namespace, TP rank, KV-cache group, block hash). The
+namespace folds in the model identity and a fingerprint of the cache layout
+(dtypes, shapes, block sizes, group structure, TP size) plus an optional
+tenant salt, so bytes stored under one layout can never be looked up under
+another: a different layout is simply a different key space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+KEY_PREFIX = b"kvt1"
+NAMESPACE_BYTES = 16
+
+
+def fingerprint(obj: Any) -> str:
+    """Stable hex digest of a JSON-serialisable description."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """Model identity + layout fingerprint + tenant salt, hashed to 16 bytes."""
+
+    model: str
+    layout: str
+    tenant: str = ""
+
+    @property
+    def id(self) -> bytes:
+        h = hashlib.sha256(f"{self.model}\0{self.layout}\0{self.tenant}".encode())
+        return h.digest()[:NAMESPACE_BYTES]
+
+    @property
+    def hex(self) -> str:
+        return self.id.hex()
+
+
+@dataclass(frozen=True, slots=True)
+class BlockKey:
+    """Address of one stored block (one group's page at one block hash)."""
+
+    namespace: bytes
+    rank: int
+    group: int
+    block_hash: bytes
+
+    def encode(self) -> bytes:
+        """Byte key used by every backend: ``kvt1:<ns>:<rank>:<group>:<hash>`` (hex)."""
+        return b":".join(
+            (
+                KEY_PREFIX,
+                self.namespace.hex().encode(),
+                str(self.rank).encode(),
+                str(self.group).encode(),
+                self.block_hash.hex().encode(),
+            )
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> BlockKey:
+        if isinstance(raw, str):
+            raw = raw.encode()
+        parts = raw.split(b":")
+        if len(parts) != 5 or parts[0] != KEY_PREFIX:
+            raise ValueError(f"not a kvtier block key: {raw[:80]!r}")
+        try:
+            return cls(
+                namespace=bytes.fromhex(parts[1].decode()),
+                rank=int(parts[2]),
+                group=int(parts[3]),
+                block_hash=bytes.fromhex(parts[4].decode()),
+            )
+        except ValueError as e:
+            raise ValueError(f"malformed kvtier block key {raw[:80]!r}: {e}") from None
+
+
+def namespace_prefix(namespace: bytes | None = None) -> bytes:
+    """Key prefix selecting every block (of one namespace, if given)."""
+    if namespace is None:
+        return KEY_PREFIX + b":"
+    return KEY_PREFIX + b":" + namespace.hex().encode() + b":"

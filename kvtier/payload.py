@@ -1,0 +1,104 @@
+"""Self-describing block payloads.
+
+Every stored value carries a fixed header: magic, format version, the key it
+was stored under, a digest of the tensor layout it was gathered from, the
+data length and an xxh3-64 checksum of the data. A loader checks all of them;
+any mismatch raises :class:`PayloadError`, which the connector turns into a
+miss (recompute), never into wrong bytes in the KV cache.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import xxhash
+
+from kvtier.keys import NAMESPACE_BYTES, BlockKey
+
+MAGIC = b"KVTB"
+FORMAT_VERSION = 1
+HASH_BYTES = 32
+# magic, version, flags, group, rank, namespace, hash len, hash, layout, length, checksum
+_HEADER = struct.Struct(f"<4sBBHH{NAMESPACE_BYTES}sB{HASH_BYTES}s8sQQ")
+HEADER_SIZE = _HEADER.size
+
+
+class PayloadError(ValueError):
+    """A stored payload that must not be loaded (corrupt, truncated, foreign)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PayloadHeader:
+    version: int
+    key: BlockKey
+    layout: bytes
+    length: int
+    checksum: int
+
+
+def layout_digest(desc: str | bytes) -> bytes:
+    """8-byte digest of a tensor-layout description."""
+    if isinstance(desc, str):
+        desc = desc.encode()
+    return xxhash.xxh3_64_digest(desc)
+
+
+def encode(key: BlockKey, layout: bytes, data: bytes | memoryview) -> bytes:
+    """Header + data as one bytes object (what backends store)."""
+    if len(key.block_hash) > HASH_BYTES:
+        raise ValueError(f"block hash longer than {HASH_BYTES} bytes")
+    if len(layout) != 8:
+        raise ValueError("layout digest must be 8 bytes (use layout_digest())")
+    mv = memoryview(data).cast("B")
+    header = _HEADER.pack(
+        MAGIC,
+        FORMAT_VERSION,
+        0,
+        key.group,
+        key.rank,
+        key.namespace,
+        len(key.block_hash),
+        key.block_hash,
+        layout,
+        mv.nbytes,
+        xxhash.xxh3_64_intdigest(mv),
+    )
+    return header + mv.tobytes()
+
+
+def read_header(buf: bytes | memoryview) -> PayloadHeader:
+    mv = memoryview(buf)
+    if mv.nbytes < HEADER_SIZE:
+        raise PayloadError(f"truncated payload: {mv.nbytes} < header {HEADER_SIZE} bytes")
+    magic, version, _flags, group, rank, ns, hlen, bhash, layout, length, checksum = (
+        _HEADER.unpack_from(mv)
+    )
+    if magic != MAGIC:
+        raise PayloadError("bad magic: not a kvtier payload")
+    if version != FORMAT_VERSION:
+        raise PayloadError(f"unsupported payload format version {version}")
+    if hlen > HASH_BYTES:
+        raise PayloadError("corrupt header: hash length")
+    key = BlockKey(namespace=ns, rank=rank, group=group, block_hash=bhash[:hlen])
+    return PayloadHeader(version, key, layout, length, checksum)
+
+
+def decode(
+    buf: bytes | memoryview,
+    expected_key: BlockKey | None = None,
+    expected_layout: bytes | None = None,
+) -> memoryview:
+    """Validate ``buf`` and return a view of its data; raise PayloadError if unusable."""
+    mv = memoryview(buf).cast("B")
+    header = read_header(mv)
+    if expected_key is not None and header.key != expected_key:
+        raise PayloadError("payload was stored under a different key")
+    if expected_layout is not None and header.layout != expected_layout:
+        raise PayloadError("payload layout does not match this engine's KV-cache layout")
+    data = mv[HEADER_SIZE:]
+    if data.nbytes != header.length:
+        raise PayloadError(f"length mismatch: header says {header.length}, got {data.nbytes}")
+    if xxhash.xxh3_64_intdigest(data) != header.checksum:
+        raise PayloadError("checksum mismatch: payload is corrupt")
+    return data
