@@ -37,6 +37,7 @@ class _ReqState:
     request: Request
     restored_tokens: int  # local + external hit at admission: nothing below is re-saved
     next_save: dict[int, int] = field(default_factory=dict)  # attention group -> block index
+    saved_states: set[tuple[int, int]] = field(default_factory=set)  # (group, boundary tokens)
 
 
 class SchedulerSide:
@@ -155,26 +156,48 @@ class SchedulerSide:
                         parent = self.layout.block_hash(hashes, g, i - 1) if i else None
                         meta.saves.append(BlockIO(g.group_id, bid, h, parent, g.group_id))
                 st.next_save[g.group_id] = max(first, last)
+        # Recurrent states: the exact hand-offs vLLM offers (prefill checkpoints) ...
         for rid, entries in block_state.boundary_state_offloads.items():
+            if rid not in gone:
+                for gid, bid, boundary in entries:
+                    self._save_state(meta, rid, gid, bid, boundary)
+        # ... and every step that ends exactly on a boundary, decode included: the
+        # running state block (index boundary/block - 1) then holds that boundary's
+        # state until the end of the step. vLLM offers no hand-off for those.
+        for rid, n in out.num_scheduled_tokens.items():
             st = self._reqs.get(rid)
-            if st is None or rid in gone:
+            if st is None or n <= 0 or rid in gone:
                 continue
-            hashes = st.request.block_hashes
-            for gid, bid, boundary in entries:
-                try:
-                    g = self.layout.group(gid)
-                except KeyError:
-                    continue
-                if g.kind is not GroupKind.STATE or not bid or boundary % g.block_size:
-                    continue
-                if boundary <= st.restored_tokens:
-                    continue  # restored from the tier or the local cache: already stored
-                h = self.layout.block_hash(hashes, g, boundary // g.block_size - 1)
-                ph = self.layout.block_hash(hashes, anchor, boundary // anchor.block_size - 1)
-                if h is None or ph is None:
-                    continue
-                meta.saves.append(BlockIO(gid, bid, h, ph, anchor.group_id))
+            end = st.request.num_computed_tokens + n
+            ids = block_state.get_block_ids(rid)
+            if ids is None:
+                continue
+            for g in self.layout.groups:
+                if g.kind is GroupKind.STATE and end % g.block_size == 0:
+                    idx = end // g.block_size - 1
+                    if idx < len(ids[g.group_id]):
+                        self._save_state(meta, rid, g.group_id, ids[g.group_id][idx], end)
         return meta
+
+    def _save_state(self, meta: KVTierMetadata, rid: str, gid: int, bid: int,
+                    boundary: int) -> None:
+        st = self._reqs.get(rid)
+        try:
+            g = self.layout.group(gid)
+        except KeyError:
+            return
+        if st is None or g.kind is not GroupKind.STATE or not bid or boundary % g.block_size:
+            return
+        if boundary <= st.restored_tokens or (gid, boundary) in st.saved_states:
+            return  # restored from the tier or the local cache, or already saved
+        hashes = st.request.block_hashes
+        anchor = self.layout.anchor
+        h = self.layout.block_hash(hashes, g, boundary // g.block_size - 1)
+        ph = self.layout.block_hash(hashes, anchor, boundary // anchor.block_size - 1)
+        if h is None or ph is None:
+            return
+        st.saved_states.add((gid, boundary))
+        meta.saves.append(BlockIO(gid, bid, h, ph, anchor.group_id))
 
     def _add_running_state_targets(self, meta: KVTierMetadata, out: SchedulerOutput) -> None:
         """Also write each restored state into the block the forward pass will run from.
