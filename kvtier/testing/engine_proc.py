@@ -1,0 +1,187 @@
+"""A real vLLM engine in its own process, driven over a local socket.
+
+Tests and benchmarks need several independent engines ("node A", "node B",
+a cold reference) that share nothing but the tier. Each runs here in a
+separate Python process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps the
+scheduler and worker in it, so connector counters can be read back), and the
+parent sends it small commands over ``multiprocessing.connection``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Client, Listener
+from pathlib import Path
+from typing import Any
+
+AUTHKEY = b"kvtier-test-engine"
+
+
+def engine_kwargs(model_path: str | Path, tier_url: str | None = None,
+                  **extra_connector: Any) -> dict[str, Any]:
+    """Engine settings that work on CPU for the tiny hybrid model (design notes §5)."""
+    kw: dict[str, Any] = dict(
+        model=str(model_path), enable_prefix_caching=True, mamba_cache_mode="align",
+        dtype="bfloat16", enforce_eager=True, max_model_len=4096,
+        kv_cache_memory_bytes=512 << 20, seed=0,
+    )
+    if tier_url is not None:
+        kw["kv_transfer_config"] = {
+            "kv_connector": "KVTierConnector",
+            "kv_connector_module_path": "kvtier.connectors.vllm",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {"tier_url": tier_url, "timeout_s": 2.0,
+                                          "retry_after_s": 1.0, **extra_connector},
+        }
+    return kw
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    num_cached_tokens: int
+
+
+class EngineProcess:
+    """Parent-side handle; ``generate`` returns greedy tokens and the reported hit."""
+
+    def __init__(self, kwargs: dict[str, Any], name: str = "engine", log_dir: str | None = None,
+                 start_timeout_s: float = 300.0):
+        self.name = name
+        self._dir = tempfile.mkdtemp(prefix=f"kvtier-{name}-")
+        sock = os.path.join(self._dir, "ctl.sock")
+        self.log_path = os.path.join(log_dir or self._dir, f"{name}.log")
+        listener = Listener(sock, authkey=AUTHKEY)
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+               "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kvtier.testing.engine_proc", sock],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env,
+        )
+        listener._listener._socket.settimeout(start_timeout_s)  # type: ignore[attr-defined]
+        try:
+            self.conn = listener.accept()
+        except OSError:
+            self.proc.kill()
+            raise RuntimeError(f"{name} did not connect; see {self.log_path}") from None
+        finally:
+            listener.close()
+        self._call("start", kwargs, timeout_s=start_timeout_s)
+
+    def _call(self, op: str, arg: Any = None, timeout_s: float = 600.0) -> Any:
+        self.conn.send((op, arg))
+        deadline = time.monotonic() + timeout_s
+        while not self.conn.poll(1.0):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} died or hung during {op}; see {self.log_path}:\n"
+                                   + self.tail())
+        ok, value = self.conn.recv()
+        if not ok:
+            raise RuntimeError(f"{self.name}.{op} failed: {value}")
+        return value
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def generate(self, prompt_token_ids: list[int], max_tokens: int = 16,
+                 reset_local_cache: bool = True) -> Generation:
+        """Greedy generation; by default the local prefix cache is emptied first,
+        so any hit is the tier's."""
+        out = self._call("generate", {"prompt": prompt_token_ids, "max_tokens": max_tokens,
+                                      "reset": reset_local_cache})
+        return Generation(out["token_ids"], out["num_cached_tokens"])
+
+    def connector_stats(self) -> dict[str, int]:
+        """Scheduler + worker connector counters (after uploads drain)."""
+        return self._call("stats")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.conn.send(("stop", None))
+                self.proc.wait(timeout=30)
+            except Exception:  # noqa: BLE001
+                self.proc.kill()
+        self._log.close()
+
+    def __enter__(self) -> EngineProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- child side ------------------------------------------------------------------
+def _child(sock: str) -> None:
+    conn = Client(sock, authkey=AUTHKEY)
+    llm = None
+    while True:
+        op, arg = conn.recv()
+        try:
+            if op == "stop":
+                conn.close()
+                os._exit(0)
+            if op == "start":
+                from vllm import LLM
+
+                llm = LLM(**arg)
+                conn.send((True, None))
+            elif op == "generate":
+                from vllm import SamplingParams
+
+                assert llm is not None
+                if arg["reset"]:
+                    llm.reset_prefix_cache()
+                sp = SamplingParams(temperature=0.0, max_tokens=arg["max_tokens"],
+                                    ignore_eos=True)
+                o = llm.generate([{"prompt_token_ids": arg["prompt"]}], sp, use_tqdm=False)[0]
+                _flush_saves()
+                conn.send((True, {"token_ids": list(o.outputs[0].token_ids),
+                                  "num_cached_tokens": int(o.num_cached_tokens or 0)}))
+            elif op == "stats":
+                conn.send((True, _connector_stats(llm)))
+            else:
+                conn.send((False, f"unknown op {op!r}"))
+        except Exception as e:  # noqa: BLE001 - report to the parent, keep serving
+            import traceback
+
+            conn.send((False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def _worker_connector() -> Any:
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    return get_kv_transfer_group() if has_kv_transfer_group() else None
+
+
+def _flush_saves() -> None:
+    c = _worker_connector()
+    if c is not None and getattr(c, "_worker", None) is not None:
+        c._worker.flush()
+
+
+def _connector_stats(llm: Any) -> dict[str, int]:
+    _flush_saves()
+    stats: dict[str, int] = {}
+    w = _worker_connector()
+    if w is not None:
+        stats.update(w.stats.snapshot())
+    try:
+        sched = llm.llm_engine.engine_core.engine_core.scheduler.connector
+        stats.update(sched.stats.snapshot())
+    except AttributeError:
+        pass
+    return stats
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1])
