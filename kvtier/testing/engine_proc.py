@@ -72,10 +72,23 @@ class EngineProcess:
             raise RuntimeError(f"{name} did not connect; see {self.log_path}") from None
         finally:
             listener.close()
-        self._call("start", kwargs, timeout_s=start_timeout_s)
+        # The engine builds in the background: several can start at once.
+        self.conn.send(("start", kwargs))
+        self._ready = False
+        self._start_timeout_s = start_timeout_s
+
+    def wait_ready(self) -> EngineProcess:
+        if not self._ready:
+            self._recv("start", self._start_timeout_s)
+            self._ready = True
+        return self
 
     def _call(self, op: str, arg: Any = None, timeout_s: float = 600.0) -> Any:
+        self.wait_ready()
         self.conn.send((op, arg))
+        return self._recv(op, timeout_s)
+
+    def _recv(self, op: str, timeout_s: float) -> Any:
         deadline = time.monotonic() + timeout_s
         while not self.conn.poll(1.0):
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -1,0 +1,75 @@
+"""A real ``kvtier serve`` in another process, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from kvtier.backends import BackendError, open_backend
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class TierProcess:
+    """Start/stop/kill a tier server on a fixed port (so clients can outlive it)."""
+
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1",
+                 capacity: str = "2GiB", extra_args: tuple[str, ...] = ()):
+        self.host, self.port = host, port or free_port(host)
+        self.capacity, self.extra_args = capacity, extra_args
+        self.proc: subprocess.Popen | None = None
+        self.log_path = os.path.join(tempfile.mkdtemp(prefix="kvtier-tier-"), "tier.log")
+
+    @property
+    def url(self) -> str:
+        return f"grpc://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> TierProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kvtier.cli", "serve", "--host", self.host,
+             "--port", str(self.port), "--capacity", self.capacity, *self.extra_args],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kvtier serve exited: {open(self.log_path).read()[-2000:]}")
+            try:
+                with open_backend(self.url, timeout_s=1.0) as b:
+                    b.health()
+                return self
+            except BackendError:
+                time.sleep(0.2)
+        raise RuntimeError(f"kvtier serve not healthy after {timeout_s}s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> TierProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

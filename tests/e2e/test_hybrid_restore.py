@@ -1,0 +1,125 @@
+"""The vertical slice on real parts: vLLM engines in separate processes, a real tier server.
+
+Correctness is measured in tokens: every request served from the tier must
+give the cold run's greedy tokens, and report the hit vLLM was told.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from kvtier.testing.engine_proc import EngineProcess, engine_kwargs
+from kvtier.testing.tier_proc import TierProcess, free_port
+from kvtier.testing.tiny_model import make_prompt_token_ids
+from tests.e2e.conftest import BLOCK
+
+pytestmark = pytest.mark.engine
+VOCAB = 4096
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    return make_prompt_token_ids(n, seed, VOCAB)
+
+
+def deepest_boundary(n_tokens: int) -> int:
+    """Deepest restorable boundary vLLM accepts: it must still compute >= 1 token."""
+    return (n_tokens - 1) // BLOCK * BLOCK
+
+
+def test_second_engine_restores_deepest_boundary(cold, node_a, node_b):
+    p = prompt(2000, seed=101)
+    ref = cold.generate(p)
+    first = node_a.generate(p)
+    assert first.num_cached_tokens == 0, "a fresh prompt cannot hit"
+    assert first.token_ids == ref.token_ids
+    before = node_b.connector_stats().get("lookup_hit", 0)
+    hit = node_b.generate(p)
+    assert hit.num_cached_tokens == deepest_boundary(len(p)) == 1920
+    assert hit.token_ids == ref.token_ids
+    stats = node_b.connector_stats()
+    assert stats["lookup_hit"] == before + 1
+    assert stats.get("blocks_loaded", 0) > 0
+
+
+def test_next_turn_hits_past_first_prompt(cold, node_a, node_b):
+    turn1 = prompt(700, seed=102)
+    out1 = node_a.generate(turn1, max_tokens=120)  # decode crosses the 768 boundary
+    assert out1.token_ids == cold.generate(turn1, max_tokens=120).token_ids
+    turn2 = turn1 + out1.token_ids + prompt(200, seed=103)
+    ref = cold.generate(turn2)
+    hit = node_b.generate(turn2)
+    assert hit.num_cached_tokens == 768 > len(turn1), "decode-written state must be reusable"
+    assert hit.token_ids == ref.token_ids
+
+
+def test_shared_prefix_hits_last_common_boundary(cold, node_a, node_b):
+    p = prompt(2000, seed=104)
+    node_a.generate(p)
+    q = p[:1000] + prompt(600, seed=105)  # diverges inside the third block
+    hit = node_b.generate(q)
+    assert hit.num_cached_tokens == 768
+    assert hit.token_ids == cold.generate(q).token_ids
+
+
+def test_corrupt_block_is_a_miss_not_wrong_tokens(cold, node_a, node_b, tier):
+    from kvtier import payload
+    from kvtier.backends import open_backend
+    from kvtier.backends.base import PutItem
+    from kvtier.keys import BlockKey
+
+    p = prompt(1200, seed=106)
+    ref = cold.generate(p)
+    with open_backend(tier.url) as backend:
+        before = {e.key for e in backend.scan()}
+        node_a.generate(p)
+        mine = sorted({e.key for e in backend.scan()} - before)  # this prompt's blocks
+        assert mine, "node A stored nothing"
+        for k, v in zip(mine, backend.get_many(mine)):
+            raw = bytearray(v)
+            raw[-1] ^= 0xFF  # one flipped bit-pattern in the data region
+            with pytest.raises(payload.PayloadError):
+                payload.decode(bytes(raw), BlockKey.decode(k))
+            backend.delete_many([k])
+            assert backend.put_many([PutItem(k, bytes(raw))]) == 1
+    errors_before = node_b.connector_stats().get("load_error_invalid", 0)
+    out = node_b.generate(p)
+    assert out.token_ids == ref.token_ids
+    assert node_b.connector_stats().get("load_error_invalid", 0) > errors_before
+
+
+def test_tier_down_at_start_and_killed_mid_run(model_path, cold):
+    port = free_port()
+    tier = TierProcess(port=port)
+    p = prompt(1500, seed=107)
+    ref = cold.generate(p)
+    long_p = prompt(2500, seed=108)
+    long_ref = cold.generate(long_p, max_tokens=300)
+    # The tier is not running when the engine starts.
+    with EngineProcess(engine_kwargs(model_path, tier.url), "node-c") as c:
+        out = c.generate(p)
+        assert (out.num_cached_tokens, out.token_ids) == (0, ref.token_ids)
+        # Once the tier comes up the engine starts using it (after its back-off).
+        tier.start()
+        try:
+            time.sleep(1.5)
+            c.generate(p)
+            again = c.generate(p)
+            assert again.num_cached_tokens == deepest_boundary(len(p))
+            assert again.token_ids == ref.token_ids
+            # Killed while the engine is busy: the request still completes, cold-identical.
+            result: dict = {}
+            worker = threading.Thread(
+                target=lambda: result.update(out=c.generate(long_p, max_tokens=300)))
+            worker.start()
+            time.sleep(0.5)
+            tier.kill()
+            worker.join(timeout=300)
+            assert result["out"].token_ids == long_ref.token_ids
+        finally:
+            tier.kill()
+        # And with the tier gone for good the engine keeps serving, as misses.
+        after = c.generate(p)
+        assert (after.num_cached_tokens, after.token_ids) == (0, ref.token_ids)

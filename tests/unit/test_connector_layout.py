@@ -1,0 +1,107 @@
+"""The connector's view of vLLM's KV-cache config: kinds, boundaries, and the layout fingerprint."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("vllm")
+
+from vllm.v1.kv_cache_interface import (  # noqa: E402
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+    MambaSpec,
+    SlidingWindowSpec,
+)
+
+from kvtier.connectors.vllm.layout import CacheLayout, UnsupportedLayout  # noqa: E402
+from kvtier.lookup import GroupKind  # noqa: E402
+
+
+def gdn(block_size: int = 384, mode: str = "align") -> MambaSpec:
+    return MambaSpec(block_size=block_size, shapes=((3, 512), (2, 128, 128)),
+                     dtypes=(torch.bfloat16, torch.float32), mamba_cache_mode=mode)
+
+
+def attn(block_size: int = 384, dtype=torch.bfloat16, heads: int = 2) -> FullAttentionSpec:
+    return FullAttentionSpec(block_size=block_size, num_kv_heads=heads, head_size=64, dtype=dtype)
+
+
+def kv_config(specs) -> KVCacheConfig:
+    groups = [KVCacheGroupSpec([f"model.layers.{i}.attn"], s) for i, s in enumerate(specs)]
+    return KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=groups)
+
+
+def vllm_config(tp: int = 1, model: str = "tiny-qwen3next"):
+    # A stand-in carrying only the fields the layout reads.
+    return SimpleNamespace(
+        parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=1),
+        cache_config=SimpleNamespace(prefix_caching_hash_algo="sha256"),
+        model_config=SimpleNamespace(model=model),
+    )
+
+
+HYBRID = [gdn(), gdn(), gdn(), attn()]
+
+
+def test_hybrid_groups_and_boundaries():
+    layout = CacheLayout.from_vllm(vllm_config(), kv_config(HYBRID))
+    assert [g.kind for g in layout.groups] == [GroupKind.STATE] * 3 + [GroupKind.ATTENTION]
+    assert layout.scheduler_block_size == 384
+    assert layout.anchor.group_id == 3
+    assert [q.hashes_per_block for q in layout.group_queries()] == [384 // layout.hash_block_size] * 4
+
+
+def test_same_layout_same_namespace_across_processes():
+    a = CacheLayout.from_vllm(vllm_config(), kv_config(HYBRID))
+    b = CacheLayout.from_vllm(vllm_config(), kv_config([gdn(), gdn(), gdn(), attn()]))
+    assert a.namespace().id == b.namespace().id
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda: (vllm_config(), kv_config([gdn(), gdn(), gdn(), attn(dtype=torch.float16)])),
+        lambda: (vllm_config(), kv_config([gdn(), gdn(), gdn(), attn(heads=4)])),
+        lambda: (vllm_config(tp=2), kv_config(HYBRID)),
+        lambda: (vllm_config(model="other-model"), kv_config(HYBRID)),
+        lambda: (vllm_config(), kv_config([gdn(768), gdn(768), gdn(768), attn(768)])),
+        lambda: (vllm_config(), kv_config([replace(gdn(), dtypes=(torch.float32, torch.float32)),
+                                           gdn(), gdn(), attn()])),
+    ],
+)
+def test_any_layout_change_changes_the_namespace(change):
+    base = CacheLayout.from_vllm(vllm_config(), kv_config(HYBRID)).namespace().id
+    assert CacheLayout.from_vllm(*change()).namespace().id != base
+
+
+def test_tenant_salt_separates_namespaces():
+    layout = CacheLayout.from_vllm(vllm_config(), kv_config(HYBRID))
+    assert layout.namespace("tenant-a").id != layout.namespace("tenant-b").id
+    assert layout.namespace("tenant-a").id != layout.namespace().id
+
+
+def test_states_need_align_mode():
+    with pytest.raises(UnsupportedLayout, match="align"):
+        CacheLayout.from_vllm(vllm_config(), kv_config([gdn(mode="none"), attn()]))
+
+
+def test_sliding_window_groups_are_refused():
+    sw = SlidingWindowSpec(block_size=384, num_kv_heads=2, head_size=64, dtype=torch.bfloat16,
+                           sliding_window=128)
+    with pytest.raises(UnsupportedLayout):
+        CacheLayout.from_vllm(vllm_config(), kv_config([gdn(), sw, attn()]))
+
+
+def test_block_hash_indexing():
+    layout = CacheLayout.from_vllm(vllm_config(), kv_config(HYBRID))
+    per = 384 // layout.hash_block_size
+    hashes = [bytes([i]) * 32 for i in range(3 * per)]
+    g = layout.anchor
+    assert layout.block_hash(hashes, g, 0) == hashes[per - 1]
+    assert layout.block_hash(hashes, g, 2) == hashes[3 * per - 1]
+    assert layout.block_hash(hashes, g, 3) is None
