@@ -66,7 +66,7 @@ class LookupQuery:
         return BlockKey(self.namespace, self.rank, group.group_id, h)
 
     def blocks_at(self, group: GroupQuery, boundary: int) -> range:
-        """Block indices of ``group`` that boundary ``boundary`` (1-based) needs beyond the previous one."""
+        """Block indices of ``group`` that boundary ``boundary`` (1-based) adds to the previous."""
         per = self.hashes_per_boundary // group.hashes_per_block
         if group.kind is GroupKind.STATE:
             return range(boundary * per - 1, boundary * per)

@@ -15,6 +15,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from kvtier.connectors.vllm.layout import CacheLayout, UnsupportedLayout
+from kvtier.connectors.vllm.metadata import KVTierMetadata
+from kvtier.connectors.vllm.scheduler import SchedulerSide
+from kvtier.connectors.vllm.stats import ConnectorStats
+from kvtier.connectors.vllm.worker import WorkerSide
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -24,11 +29,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvtier.backends.guard import GuardedBackend
 from kvtier.config import ConnectorConfig, load_config
-from kvtier.connectors.vllm.layout import CacheLayout, UnsupportedLayout
-from kvtier.connectors.vllm.metadata import KVTierMetadata
-from kvtier.connectors.vllm.scheduler import SchedulerSide
-from kvtier.connectors.vllm.stats import ConnectorStats
-from kvtier.connectors.vllm.worker import WorkerSide
 
 if TYPE_CHECKING:
     import torch

@@ -17,12 +17,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kvtier.backends.guard import GuardedBackend
-from kvtier.config import ConnectorConfig
-from kvtier.lookup import GroupKind, LookupQuery
 from kvtier.connectors.vllm.layout import CacheLayout
 from kvtier.connectors.vllm.metadata import BlockIO, KVTierMetadata, LoadJob
 from kvtier.connectors.vllm.stats import ConnectorStats
+
+from kvtier.backends.guard import GuardedBackend
+from kvtier.config import ConnectorConfig
+from kvtier.lookup import GroupKind, LookupQuery
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -130,7 +131,6 @@ class SchedulerSide:
         block_state = out.kv_connector_block_state
         if block_state is None:
             return meta
-        anchor = self.layout.anchor
         for rid, n in out.num_scheduled_tokens.items():
             st = self._reqs.get(rid)
             if st is None or n <= 0:

@@ -12,6 +12,7 @@ thread; a full queue or an unreachable tier drops saves, never stalls decode.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -19,16 +20,16 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
+from kvtier.connectors.vllm.layout import CacheLayout
+from kvtier.connectors.vllm.metadata import BlockIO, KVTierMetadata
+from kvtier.connectors.vllm.stats import ConnectorStats
 
 from kvtier import payload
 from kvtier.backends.base import PutItem
 from kvtier.backends.guard import GuardedBackend
 from kvtier.config import ConnectorConfig
-from kvtier.keys import BlockKey
 from kvtier.kernels.torch_copy import BlockView, gather, scatter
-from kvtier.connectors.vllm.layout import CacheLayout
-from kvtier.connectors.vllm.metadata import BlockIO, KVTierMetadata
-from kvtier.connectors.vllm.stats import ConnectorStats
+from kvtier.keys import BlockKey
 
 log = logging.getLogger("kvtier.connector")
 _STOP = object()
@@ -172,10 +173,8 @@ class WorkerSide:
 
     def shutdown(self) -> None:
         self.flush()
-        try:
+        with contextlib.suppress(queue.Full):
             self._queue.put_nowait(_STOP)
-        except queue.Full:
-            pass
         self.tier.close()
 
 

@@ -8,6 +8,7 @@ not one per request.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -71,8 +72,6 @@ class GuardedBackend:
     def close(self) -> None:
         with self._lock:
             if self._backend is not None:
-                try:
+                with contextlib.suppress(Exception):
                     self._backend.close()
-                except Exception:  # noqa: BLE001
-                    pass
                 self._backend = None

@@ -44,7 +44,8 @@ class TierProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"kvtier serve exited: {open(self.log_path).read()[-2000:]}")
+                with open(self.log_path) as f:
+                    raise RuntimeError(f"kvtier serve exited: {f.read()[-2000:]}")
             try:
                 with open_backend(self.url, timeout_s=1.0) as b:
                     b.health()

@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("vllm")
 
+from kvtier.connectors.vllm.layout import CacheLayout, UnsupportedLayout  # noqa: E402
 from vllm.v1.kv_cache_interface import (  # noqa: E402
     FullAttentionSpec,
     KVCacheConfig,
@@ -18,7 +19,6 @@ from vllm.v1.kv_cache_interface import (  # noqa: E402
     SlidingWindowSpec,
 )
 
-from kvtier.connectors.vllm.layout import CacheLayout, UnsupportedLayout  # noqa: E402
 from kvtier.lookup import GroupKind  # noqa: E402
 
 
@@ -53,7 +53,8 @@ def test_hybrid_groups_and_boundaries():
     assert [g.kind for g in layout.groups] == [GroupKind.STATE] * 3 + [GroupKind.ATTENTION]
     assert layout.scheduler_block_size == 384
     assert layout.anchor.group_id == 3
-    assert [q.hashes_per_block for q in layout.group_queries()] == [384 // layout.hash_block_size] * 4
+    per_block = 384 // layout.hash_block_size
+    assert [q.hashes_per_block for q in layout.group_queries()] == [per_block] * 4
 
 
 def test_same_layout_same_namespace_across_processes():
