@@ -79,9 +79,9 @@ class ConnectorConfig(_Strict):
     save_queue_blocks: int = Field(4096, ge=1, description="blocks waiting for upload before drops")
     checkpoint_every: int = Field(
         1, ge=0, le=1024,
-        description="force a recurrent-state checkpoint every N boundaries during prefill "
-        "(caps prefill chunks at N blocks) so prompts that share only a prefix can hit; "
-        "0 keeps vLLM's own checkpoints only (the last boundary of each prompt)",
+        description="end a prefill chunk (so a recurrent state is written and saved) every N "
+        "boundaries, so prompts that share only part of a prefix can hit; 0 keeps vLLM's own "
+        "checkpoints only (in practice the last boundary of each prompt)",
     )
     metrics_port: int | None = Field(None, ge=0, le=65535)
     model_id: str | None = Field(None, description="override the model identity in the namespace")

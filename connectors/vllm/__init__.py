@@ -65,7 +65,6 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
             return
         tier = GuardedBackend(self.cfg.tier_url, self.cfg.timeout_s, self.cfg.retry_after_s)
         if role == KVConnectorRole.SCHEDULER:
-            self._cap_prefill_chunks(vllm_config)
             self._sched = SchedulerSide(self.cfg, self.layout, tier, self.stats)
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -79,19 +78,6 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
         log.info("kvtier connector (%s) on %s, namespace %s, boundary every %d tokens",
                  role.name.lower(), self.cfg.tier_url,
                  self.layout.namespace(self.cfg.tenant).hex, self.layout.scheduler_block_size)
-
-    def _cap_prefill_chunks(self, vllm_config: VllmConfig) -> None:
-        """Make vLLM end a prefill chunk (and so write a state) every N boundaries."""
-        if not self.cfg.checkpoint_every or self.layout is None:
-            return
-        interval = self.cfg.checkpoint_every * self.layout.scheduler_block_size
-        sched = vllm_config.scheduler_config
-        current = sched.long_prefill_token_threshold or 0
-        if current == 0 or current > interval:
-            object.__setattr__(sched, "long_prefill_token_threshold", interval)
-            log.info("kvtier: prefill chunks capped at %d tokens so every %d-token boundary "
-                     "keeps its recurrent state (checkpoint_every=%d)", interval,
-                     self.layout.scheduler_block_size, self.cfg.checkpoint_every)
 
     @property
     def requires_kv_delivery(self) -> bool:

@@ -55,6 +55,31 @@ class SchedulerSide:
 
     # -- admission -----------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed: int) -> tuple[int, bool]:
+        ext, load_async = self._match(request, num_computed)
+        self._request_checkpoint(request, num_computed + ext)
+        return ext, load_async
+
+    def _request_checkpoint(self, request: Request, position: int) -> None:
+        """Make vLLM end the next prefill chunk at the next checkpoint boundary.
+
+        vLLM writes a recurrent state only where a chunk ends; for one long
+        prompt that is its last boundary. Moving the request's junction
+        (``shared_prefix_boundary``, which the scheduler always stops a chunk at)
+        to the next boundary after each chunk makes states appear every
+        ``checkpoint_every`` boundaries, and the worker saves each of them.
+        """
+        if not self.cfg.checkpoint_every:
+            return
+        step = self.cfg.checkpoint_every * self.layout.scheduler_block_size
+        target = (position // step + 1) * step
+        if target >= request.num_prompt_tokens:
+            return
+        current = getattr(request, "shared_prefix_boundary", 0) or 0
+        if position < current < target:
+            return  # vLLM's own junction comes first; ours follows after it
+        request.shared_prefix_boundary = target
+
+    def _match(self, request: Request, num_computed: int) -> tuple[int, bool]:
         self._pending_hits[request.request_id] = (num_computed, 0)
         if not self.cfg.load or getattr(request, "skip_reading_prefix_cache", False):
             return 0, False
@@ -169,6 +194,7 @@ class SchedulerSide:
             if st is None or n <= 0 or rid in gone:
                 continue
             end = st.request.num_computed_tokens + n
+            self._request_checkpoint(st.request, end)
             ids = block_state.get_block_ids(rid)
             if ids is None:
                 continue
