@@ -53,7 +53,7 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
         # A failed load must mean "recompute", never "fail the request".
         if self._kv_transfer_config.kv_load_failure_policy != "recompute":
             object.__setattr__(self._kv_transfer_config, "kv_load_failure_policy", "recompute")
-        self.stats = ConnectorStats()
+        self.stats = ConnectorStats.for_process()
         self._sched: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         try:
@@ -75,6 +75,11 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
                 rank = 0
             self._worker = WorkerSide(self.cfg, self.layout, tier, self.stats, rank,
                                       kv_cache_config.num_blocks)
+        if self.cfg.metrics_port is not None:
+            port = self.cfg.metrics_port
+            if role != KVConnectorRole.SCHEDULER and ConnectorStats._served_port is None:
+                port += 1 + (self._worker.rank if self._worker is not None else 0)
+            self.stats.serve(port)
         log.info("kvtier connector (%s) on %s, namespace %s, boundary every %d tokens",
                  role.name.lower(), self.cfg.tier_url,
                  self.layout.namespace(self.cfg.tenant).hex, self.layout.scheduler_block_size)

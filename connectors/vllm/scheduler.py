@@ -101,7 +101,7 @@ class SchedulerSide:
         )
         result = self.tier.lookup(query)
         ext = max(0, result.boundary * S - num_computed)
-        self.stats.lookup(ext > 0, result.reason.value if ext == 0 else "hit")
+        self.stats.lookup(ext > 0, result.reason.value if ext == 0 else "hit", ext)
         if ext:
             self._pending_hits[request.request_id] = (num_computed, ext)
         return ext, False

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -80,6 +81,7 @@ class WorkerSide:
         jobs = [j for j in meta.loads if j.blocks or j.all_block_ids]
         if not jobs:
             return
+        t0 = time.perf_counter()
         flat = [(j, b) for j in jobs for b in j.blocks]
         keys = [self._key(b.group_id, b.block_hash).encode() for _, b in flat]
         unique = list(dict.fromkeys(keys))
@@ -99,7 +101,7 @@ class WorkerSide:
                 if data.nbytes != expect:
                     raise payload.PayloadError(f"{data.nbytes} bytes, expected {expect}")
             except payload.PayloadError as e:
-                self.stats.add(f"load_error_{'missing' if str(e) == 'missing' else 'invalid'}")
+                self.stats.error("load_missing" if str(e) == "missing" else "load_invalid")
                 log.warning("kvtier: load of %s failed (%s); recomputing", job.req_id, e)
                 failed_jobs.add(id(job))
                 continue
@@ -116,8 +118,9 @@ class WorkerSide:
         for gid, items in by_group.items():
             rows = torch.frombuffer(bytearray(b"".join(d for _, d in items)), dtype=torch.uint8)
             scatter(self.views[gid], [bid for bid, _ in items], rows.view(len(items), -1))
-            self.stats.add("blocks_loaded", len(items))
+            self.stats.moved("loaded", len(items), rows.numel())
         self.stats.add("requests_loaded", loaded_tokens)
+        self.stats.latency.labels("load").observe(time.perf_counter() - t0)
 
     def take_load_errors(self) -> set[int]:
         errs, self._errors = self._errors, set()
@@ -127,11 +130,15 @@ class WorkerSide:
     def wait_for_save(self, meta: KVTierMetadata) -> None:
         if not meta.saves:
             return
+        t0 = time.perf_counter()
         by_group: dict[int, list[BlockIO]] = defaultdict(list)
         for b in meta.saves:
             by_group[b.group_id].append(b)
         items: list[PutItem] = []
         for gid, ios in by_group.items():
+            g = self.layout.group(gid)
+            if g.kind.value == "attention":
+                self.stats.tokens.labels("saved").inc(len(ios) * g.block_size)
             rows = gather(self.views[gid], [b.block_id for b in ios])
             buf = rows.numpy()
             for i, b in enumerate(ios):
@@ -147,17 +154,20 @@ class WorkerSide:
         try:
             self._queue.put_nowait(items)
         except queue.Full:
-            self.stats.add("saves_dropped_queue_full", len(items))
+            self.stats.error("save_queue_full", len(items))
+        self.stats.latency.labels("save_gather").observe(time.perf_counter() - t0)
 
     def _upload_loop(self) -> None:
         while True:
             items = self._queue.get()
             if items is _STOP:
                 return
+            t0 = time.perf_counter()
             stored = self.tier.put_many(items)
-            self.stats.add("blocks_saved", stored)
+            self.stats.latency.labels("upload").observe(time.perf_counter() - t0)
+            self.stats.moved("saved", stored, sum(len(i.value) for i in items[:stored]))
             if stored < len(items):
-                self.stats.add("blocks_save_failed", len(items) - stored)
+                self.stats.error("save_failed", len(items) - stored)
             self._queue.task_done()
 
     def flush(self, timeout_s: float = 10.0) -> None:

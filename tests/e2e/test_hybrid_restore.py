@@ -84,10 +84,10 @@ def test_corrupt_block_is_a_miss_not_wrong_tokens(cold, node_a, node_b, tier):
                 payload.decode(bytes(raw), BlockKey.decode(k))
             backend.delete_many([k])
             assert backend.put_many([PutItem(k, bytes(raw))]) == 1
-    errors_before = node_b.connector_stats().get("load_error_invalid", 0)
+    errors_before = node_b.connector_stats().get("error_load_invalid", 0)
     out = node_b.generate(p)
     assert out.token_ids == ref.token_ids
-    assert node_b.connector_stats().get("load_error_invalid", 0) > errors_before
+    assert node_b.connector_stats().get("error_load_invalid", 0) > errors_before
 
 
 def test_tier_down_at_start_and_killed_mid_run(model_path, cold):
