@@ -86,3 +86,11 @@ def namespace_prefix(namespace: bytes | None = None) -> bytes:
     if namespace is None:
         return KEY_PREFIX + b":"
     return KEY_PREFIX + b":" + namespace.hex().encode() + b":"
+
+
+MANIFEST_PREFIX = b"kvt1m:"
+
+
+def manifest_key(namespace: bytes) -> bytes:
+    """Where a namespace's manifest (model, groups, block sizes) is kept, beside its blocks."""
+    return MANIFEST_PREFIX + namespace.hex().encode()

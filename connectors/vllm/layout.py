@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvtier.keys import BlockKey, Namespace, fingerprint
 from kvtier.lookup import GroupKind, GroupQuery
+from kvtier.manifest import GroupInfo, NamespaceManifest
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -72,6 +73,7 @@ class CacheLayout:
     fingerprint: str
     model: str
     tp_size: int
+    hash_algo: str = "sha256"
 
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig,
@@ -103,7 +105,16 @@ class CacheLayout:
             "hash_algo": vllm_config.cache_config.prefix_caching_hash_algo,
             "hash_bs": hash_bs,
         }
-        return cls(tuple(groups), sched_bs, hash_bs, fingerprint(desc), model, tp)
+        return cls(tuple(groups), sched_bs, hash_bs, fingerprint(desc), model, tp,
+                   str(desc["hash_algo"]))
+
+    def manifest(self, tenant: str = "") -> NamespaceManifest:
+        return NamespaceManifest(
+            namespace=self.namespace(tenant).hex, model=self.model, layout=self.fingerprint,
+            groups=[GroupInfo(g.group_id, g.kind.value, g.block_size, len(g.layer_names))
+                    for g in self.groups],
+            boundary_tokens=self.scheduler_block_size, hash_block_size=self.hash_block_size,
+            hash_algo=self.hash_algo, tp_size=self.tp_size, tenant_salted=bool(tenant))
 
     def namespace(self, tenant: str = "") -> Namespace:
         return Namespace(self.model, self.fingerprint, tenant)

@@ -21,8 +21,10 @@ from kvtier.connectors.vllm.layout import CacheLayout
 from kvtier.connectors.vllm.metadata import BlockIO, KVTierMetadata, LoadJob
 from kvtier.connectors.vllm.stats import ConnectorStats
 
+from kvtier.backends.base import PutItem
 from kvtier.backends.guard import GuardedBackend
 from kvtier.config import ConnectorConfig
+from kvtier.keys import manifest_key
 from kvtier.lookup import GroupKind, LookupQuery
 
 if TYPE_CHECKING:
@@ -52,6 +54,15 @@ class SchedulerSide:
         self._pending_hits: dict[str, tuple[int, int]] = {}  # req -> (local tokens, ext tokens)
         self._reqs: dict[str, _ReqState] = {}
         self._loads: list[LoadJob] = []
+        self._manifest_written = False
+
+    def _write_manifest(self) -> None:
+        """Best effort, once the tier answers: lets admin tools decode this namespace."""
+        if self._manifest_written or not self.tier.available:
+            return
+        m = self.layout.manifest(self.cfg.tenant)
+        self._manifest_written = bool(
+            self.tier.put_many([PutItem(manifest_key(self.ns), m.to_bytes())]))
 
     # -- admission -----------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed: int) -> tuple[int, bool]:
@@ -81,6 +92,7 @@ class SchedulerSide:
 
     def _match(self, request: Request, num_computed: int) -> tuple[int, bool]:
         self._pending_hits[request.request_id] = (num_computed, 0)
+        self._write_manifest()
         if not self.cfg.load or getattr(request, "skip_reading_prefix_cache", False):
             return 0, False
         S = self.layout.scheduler_block_size

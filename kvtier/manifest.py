@@ -1,0 +1,50 @@
+"""A namespace's manifest: what its blocks mean, stored once beside them.
+
+Keys are opaque hashes; admin tools (``kvtier ls``, ``explain``) need to know
+which model a namespace belongs to, its groups and their kinds, and the block
+sizes, to turn a prompt into keys. Each engine's connector writes it at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from kvtier.lookup import GroupKind, GroupQuery
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    group_id: int
+    kind: str  # GroupKind value
+    block_size: int
+    layers: int = 1
+
+
+@dataclass(frozen=True)
+class NamespaceManifest:
+    namespace: str  # hex
+    model: str
+    layout: str  # fingerprint
+    groups: list[GroupInfo] = field(default_factory=list)
+    boundary_tokens: int = 0  # scheduler block size
+    hash_block_size: int = 0
+    hash_algo: str = "sha256"
+    tp_size: int = 1
+    tenant_salted: bool = False
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> NamespaceManifest:
+        try:
+            d = json.loads(raw)
+            d["groups"] = [GroupInfo(**g) for g in d.get("groups", [])]
+            return cls(**d)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"not a kvtier namespace manifest: {e}") from None
+
+    def group_queries(self) -> list[GroupQuery]:
+        return [GroupQuery(g.group_id, GroupKind(g.kind), g.block_size // self.hash_block_size)
+                for g in self.groups]
