@@ -29,7 +29,8 @@ from kvtier import payload
 from kvtier.backends.base import PutItem
 from kvtier.backends.guard import GuardedBackend
 from kvtier.config import ConnectorConfig
-from kvtier.kernels.torch_copy import BlockView, gather, scatter
+from kvtier.kernels import for_device, torch_copy
+from kvtier.kernels.torch_copy import BlockView
 from kvtier.keys import BlockKey
 
 log = logging.getLogger("kvtier.connector")
@@ -58,6 +59,7 @@ class WorkerSide:
         self._errors: set[int] = set()
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, cfg.save_queue_blocks // 16))
         self._uploader: threading.Thread | None = None
+        self._kernels = torch_copy
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         for g in self.layout.groups:
@@ -69,6 +71,8 @@ class WorkerSide:
             self.views[g.group_id] = views
             desc = f"g{g.group_id}|" + "|".join(v.describe() for v in views)
             self.digests[g.group_id] = payload.layout_digest(desc)
+        first = next(iter(kv_caches.values()))
+        self._kernels = for_device((first[0] if isinstance(first, (list, tuple)) else first).device)
         self._uploader = threading.Thread(target=self._upload_loop, name="kvtier-upload",
                                           daemon=True)
         self._uploader.start()
@@ -117,7 +121,8 @@ class WorkerSide:
             loaded_tokens += 1
         for gid, items in by_group.items():
             rows = torch.frombuffer(bytearray(b"".join(d for _, d in items)), dtype=torch.uint8)
-            scatter(self.views[gid], [bid for bid, _ in items], rows.view(len(items), -1))
+            self._kernels.scatter(self.views[gid], [bid for bid, _ in items],
+                                  rows.view(len(items), -1))
             self.stats.moved("loaded", len(items), rows.numel())
         self.stats.add("requests_loaded", loaded_tokens)
         self.stats.latency.labels("load").observe(time.perf_counter() - t0)
@@ -139,8 +144,8 @@ class WorkerSide:
             g = self.layout.group(gid)
             if g.kind.value == "attention":
                 self.stats.tokens.labels("saved").inc(len(ios) * g.block_size)
-            rows = gather(self.views[gid], [b.block_id for b in ios])
-            buf = rows.numpy()
+            rows = self._kernels.gather(self.views[gid], [b.block_id for b in ios])
+            buf = rows.cpu().numpy()
             for i, b in enumerate(ios):
                 key = self._key(gid, b.block_hash)
                 parent = (self._key(b.parent_group, b.parent_hash).encode()
