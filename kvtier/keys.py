@@ -88,9 +88,14 @@ def namespace_prefix(namespace: bytes | None = None) -> bytes:
     return KEY_PREFIX + b":" + namespace.hex().encode() + b":"
 
 
-MANIFEST_PREFIX = b"kvt1m:"
+MANIFEST_SUFFIX = b":manifest"
 
 
 def manifest_key(namespace: bytes) -> bytes:
-    """Where a namespace's manifest (model, groups, block sizes) is kept, beside its blocks."""
-    return MANIFEST_PREFIX + namespace.hex().encode()
+    """Where a namespace's manifest (model, groups, block sizes) is kept, beside its blocks
+    (inside kvtier's key space, so Redis ACLs limited to ``kvt1:*`` cover it)."""
+    return namespace_prefix(namespace)[:-1] + MANIFEST_SUFFIX
+
+
+def is_manifest_key(raw: bytes) -> bool:
+    return raw.startswith(KEY_PREFIX + b":") and raw.endswith(MANIFEST_SUFFIX)

@@ -14,7 +14,7 @@ import pytest
 
 from kvtier.backends import open_backend
 from kvtier.hashing import prompt_block_hashes
-from kvtier.keys import BlockKey, manifest_key
+from kvtier.keys import BlockKey, is_manifest_key, manifest_key
 from kvtier.manifest import NamespaceManifest
 from kvtier.testing.engine_proc import EngineProcess, engine_kwargs
 from kvtier.testing.redis_servers import redis_cluster, redis_standalone
@@ -82,7 +82,7 @@ def test_parent_deleted_behind_the_tier(setup: Setup, cold):
     setup.a.generate(p)
     with open_backend(setup.url) as tier:
         manifests = [NamespaceManifest.from_bytes(v) for v in tier.get_many(
-            [k.key for k in tier.scan(b"kvt1m:")]) if v]
+            [e.key for e in tier.scan(b"kvt1:") if is_manifest_key(e.key)]) if v]
         assert len(manifests) == 1, "one engine layout, one namespace"
         m = manifests[0]
         ns = bytes.fromhex(m.namespace)
