@@ -1,0 +1,189 @@
+"""Client of a ``kvtier serve`` tier server, as a :class:`Backend`.
+
+Lookups are answered by the server in one round trip. Bulk reads are streamed
+into one preallocated buffer and returned as memoryviews into it (no per-value
+copy; :func:`kvtier.payload.decode` takes them as they are); large reads are
+split across a few concurrent streams.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+import grpc
+
+from kvtier.backends.base import Backend, BackendError, BackendStats, EntryInfo, PutItem
+from kvtier.lookup import BoundaryDetail, GroupKind, LookupQuery, LookupResult, StopReason
+from kvtier.proto import tier_pb2 as pb
+from kvtier.proto import tier_pb2_grpc as pb_grpc
+from kvtier.server.grpc_server import GRPC_OPTIONS
+
+PUT_BATCH_BYTES = 8 << 20
+_KIND = {GroupKind.ATTENTION: pb.ATTENTION, GroupKind.STATE: pb.STATE}
+
+
+def parse_grpc_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme != "grpc" or not parts.hostname or not parts.port:
+        raise ValueError(f"tier url {url!r} must look like grpc://HOST:PORT")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{host}:{parts.port}"
+
+
+class GrpcBackend(Backend):
+    name = "grpc"
+
+    def __init__(self, url: str, timeout_s: float = 5.0, streams: int = 2,
+                 chunk_bytes: int = 4 << 20):
+        self.url = url
+        self.target = parse_grpc_url(url)
+        self.timeout_s = timeout_s
+        self.streams = max(1, streams)
+        self.chunk_bytes = chunk_bytes
+        self._channel = grpc.insecure_channel(self.target, options=GRPC_OPTIONS)
+        self._stub = pb_grpc.TierStub(self._channel)
+        self._pool = ThreadPoolExecutor(max_workers=self.streams, thread_name_prefix="kvtier-get")
+
+    def _err(self, what: str, e: grpc.RpcError) -> BackendError:
+        code = e.code() if hasattr(e, "code") else None
+        detail = e.details() if hasattr(e, "details") else str(e)
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return BackendError(f"{what} rejected by tier {self.url}: {detail}")
+        return BackendError(f"{what} on tier {self.url} failed ({code.name if code else e}): "
+                            f"{detail}")
+
+    # -- lookup --------------------------------------------------------------------
+    def lookup(self, query: LookupQuery, with_details: bool = False) -> LookupResult:
+        hlen = len(query.hashes[0]) if query.hashes else 32
+        req = pb.LookupRequest(
+            namespace=query.namespace, rank=query.rank, hashes_packed=b"".join(query.hashes),
+            hash_len=hlen, hashes_per_boundary=query.hashes_per_boundary,
+            groups=[pb.GroupQuery(group_id=g.group_id, kind=_KIND[g.kind],
+                                  hashes_per_block=g.hashes_per_block) for g in query.groups],
+            start_boundary=query.start_boundary, max_boundary=query.max_boundary or 0,
+            with_details=with_details)
+        if any(len(h) != hlen for h in query.hashes):
+            raise ValueError("all block hashes of a lookup must have the same length")
+        try:
+            r = self._stub.Lookup(req, timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise self._err("lookup", e) from None
+        details = [BoundaryDetail(d.boundary, d.boundary * query.hashes_per_boundary,
+                                  {g.group_id: g.present for g in d.groups}, d.prefix_ok)
+                   for d in r.details]
+        return LookupResult(r.boundary, StopReason(r.reason), details)
+
+    # -- bulk reads ------------------------------------------------------------------
+    def _get_one_stream(self, keys: Sequence[bytes]) -> list[memoryview | None]:
+        try:
+            stream = self._stub.Get(pb.GetRequest(keys=list(keys), chunk_bytes=self.chunk_bytes),
+                                    timeout=self.timeout_s)
+            head = next(stream)
+            sizes = list(head.sizes)
+            if len(sizes) != len(keys):
+                raise BackendError(f"tier {self.url} answered {len(sizes)} sizes for "
+                                   f"{len(keys)} keys")
+            total = sum(s for s in sizes if s > 0)
+            buf = bytearray(total)
+            view = memoryview(buf)
+            pos = 0
+            for chunk in stream:
+                n = len(chunk.data)
+                if pos + n > total:
+                    raise BackendError(f"tier {self.url} sent more bytes than announced")
+                view[pos:pos + n] = chunk.data
+                pos += n
+            if pos != total:
+                raise BackendError(f"tier {self.url} sent {pos} of {total} bytes")
+        except grpc.RpcError as e:
+            raise self._err("get", e) from None
+        except StopIteration:
+            raise BackendError(f"tier {self.url} closed the stream early") from None
+        out: list[memoryview | None] = []
+        off = 0
+        for s in sizes:
+            if s < 0:
+                out.append(None)
+            else:
+                out.append(view[off:off + s])
+                off += s
+        return out
+
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:  # type: ignore[override]
+        if not keys:
+            return []
+        n = min(self.streams, max(1, len(keys) // 16))
+        if n == 1:
+            return self._get_one_stream(keys)  # type: ignore[return-value]
+        step = -(-len(keys) // n)
+        parts = [keys[i:i + step] for i in range(0, len(keys), step)]
+        out: list = []
+        for part in self._pool.map(self._get_one_stream, parts):
+            out.extend(part)
+        return out
+
+    # -- writes and admin ----------------------------------------------------------
+    def put_many(self, items: Sequence[PutItem]) -> int:
+        def batches() -> Iterator[pb.PutBatch]:
+            batch, size = [], 0
+            for it in items:
+                batch.append(pb.PutItem(key=it.key, value=bytes(it.value), parent=it.parent or b""))
+                size += len(it.value)
+                if size >= PUT_BATCH_BYTES:
+                    yield pb.PutBatch(items=batch)
+                    batch, size = [], 0
+            if batch:
+                yield pb.PutBatch(items=batch)
+
+        if not items:
+            return 0
+        try:
+            return self._stub.Put(batches(), timeout=self.timeout_s * 4).stored
+        except grpc.RpcError as e:
+            raise self._err("put", e) from None
+
+    def _unary(self, what: str, method, req):  # noqa: ANN001
+        try:
+            return method(req, timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise self._err(what, e) from None
+
+    def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
+        if not keys:
+            return []
+        r = self._unary("contains", self._stub.Contains, pb.KeysRequest(keys=list(keys)))
+        return list(r.present)
+
+    def delete_many(self, keys: Sequence[bytes]) -> int:
+        return self._unary("delete", self._stub.Delete, pb.KeysRequest(keys=list(keys))).count
+
+    def pin(self, keys: Sequence[bytes], pinned: bool = True) -> int:
+        return self._unary("pin", self._stub.Pin,
+                           pb.PinRequest(keys=list(keys), pinned=pinned)).count
+
+    def scan(self, prefix: bytes = b"", limit: int | None = None) -> Iterator[EntryInfo]:
+        r = self._unary("scan", self._stub.Scan, pb.ScanRequest(prefix=prefix, limit=limit or 0))
+        for e in r.entries:
+            yield EntryInfo(e.key, e.size, e.pinned, e.children)
+
+    def flush(self, prefix: bytes = b"") -> int:
+        return self._unary("flush", self._stub.Flush, pb.FlushRequest(prefix=prefix)).count
+
+    def stats(self) -> BackendStats:
+        d = json.loads(self._unary("stats", self._stub.Stats, pb.StatsRequest()).json)
+        server = d.pop("server", {})
+        s = BackendStats(**d)
+        s.extra = {**s.extra, **{f"server_{k}": v for k, v in server.items()}}
+        return s
+
+    def health(self) -> dict:
+        r = self._unary("health", self._stub.Health, pb.HealthRequest())
+        return {"ok": r.ok, "backend": r.backend, "version": r.version, "entries": r.entries,
+                "url": self.url}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        self._channel.close()

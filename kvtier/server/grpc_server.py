@@ -1,0 +1,249 @@
+"""The tier server: any :class:`~kvtier.backends.Backend` behind the ``kvtier.v1.Tier`` gRPC API.
+
+Bad input gets ``INVALID_ARGUMENT`` with a message saying what is wrong; a
+failing backend gets ``UNAVAILABLE``. Neither stops the server nor touches
+what is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+
+from kvtier import __version__
+from kvtier.backends import Backend, BackendError, open_backend
+from kvtier.backends.base import PutItem
+from kvtier.config import ServerConfig
+from kvtier.keys import NAMESPACE_BYTES, BlockKey, is_manifest_key
+from kvtier.lookup import GroupKind, GroupQuery, LookupQuery
+from kvtier.proto import tier_pb2 as pb
+from kvtier.proto import tier_pb2_grpc as pb_grpc
+
+log = logging.getLogger("kvtier.server")
+
+MAX_MESSAGE = 512 << 20
+DEFAULT_CHUNK = 4 << 20
+MAX_VALUE = 256 << 20
+MAX_KEYS = 1 << 20
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.http2.max_frame_size", 16 << 20),
+    ("grpc.http2.bdp_probe", 1),
+]
+_KINDS = {pb.ATTENTION: GroupKind.ATTENTION, pb.STATE: GroupKind.STATE}
+
+
+class BadRequest(ValueError):
+    """Client error: reported as INVALID_ARGUMENT."""
+
+
+def _check_keys(keys: list[bytes]) -> list[bytes]:
+    if len(keys) > MAX_KEYS:
+        raise BadRequest(f"too many keys in one call ({len(keys)} > {MAX_KEYS}); batch them")
+    for k in keys:
+        if not is_manifest_key(k):
+            try:
+                BlockKey.decode(k)
+            except ValueError as e:
+                raise BadRequest(str(e)) from None
+    return keys
+
+
+def lookup_query(req: pb.LookupRequest) -> LookupQuery:
+    """Validate a LookupRequest into a LookupQuery."""
+    if len(req.namespace) != NAMESPACE_BYTES:
+        raise BadRequest(f"namespace must be {NAMESPACE_BYTES} bytes, got {len(req.namespace)}")
+    if not 1 <= req.hash_len <= 64:
+        raise BadRequest(f"hash_len must be 1..64, got {req.hash_len}")
+    if len(req.hashes_packed) % req.hash_len:
+        raise BadRequest("hashes_packed is not a whole number of hashes")
+    if not req.groups:
+        raise BadRequest("at least one group query is required")
+    groups = []
+    for g in req.groups:
+        if g.kind not in _KINDS:
+            raise BadRequest(f"group {g.group_id}: kind must be ATTENTION or STATE")
+        groups.append(GroupQuery(g.group_id, _KINDS[g.kind], g.hashes_per_block))
+    n = req.hash_len
+    hashes = [req.hashes_packed[i:i + n] for i in range(0, len(req.hashes_packed), n)]
+    try:
+        return LookupQuery(req.namespace, req.rank, hashes, req.hashes_per_boundary, groups,
+                           req.start_boundary, req.max_boundary or None)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+
+
+class TierServicer(pb_grpc.TierServicer):
+    def __init__(self, backend: Backend, metrics: object | None = None):
+        self.backend = backend
+        self.metrics = metrics
+        self.started = time.time()
+
+    def _guard(self, context: grpc.ServicerContext, method: str, fn):  # noqa: ANN001
+        t0 = time.perf_counter()
+        code = "OK"
+        try:
+            return fn()
+        except BadRequest as e:
+            code = "INVALID_ARGUMENT"
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except BackendError as e:
+            code = "UNAVAILABLE"
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"backend: {e}")
+        finally:
+            if self.metrics is not None:
+                self.metrics.observe(method, code, time.perf_counter() - t0)
+
+    def Lookup(self, request, context):  # noqa: N802
+        def run() -> pb.LookupReply:
+            res = self.backend.lookup(lookup_query(request), with_details=request.with_details)
+            reply = pb.LookupReply(boundary=res.boundary, reason=res.reason.value)
+            for d in res.details:
+                reply.details.add(boundary=d.boundary, prefix_ok=d.prefix_ok, groups=[
+                    pb.GroupPresence(group_id=g, present=p) for g, p in d.present.items()])
+            return reply
+
+        return self._guard(context, "lookup", run)
+
+    def Get(self, request, context) -> Iterator[pb.GetChunk]:  # noqa: N802
+        chunk = request.chunk_bytes or DEFAULT_CHUNK
+        values = self._guard(context, "get", lambda: (
+            self._check_chunk(chunk), self.backend.get_many(_check_keys(list(request.keys))))[1])
+        sizes = [-1 if v is None else len(v) for v in values]
+        if self.metrics is not None:
+            self.metrics.moved("out", sum(s for s in sizes if s > 0))
+            self.metrics.hits(sum(s >= 0 for s in sizes), sum(s < 0 for s in sizes))
+        yield pb.GetChunk(sizes=sizes)
+        pending: list[memoryview] = []
+        filled = 0
+        for v in values:
+            if v is None:
+                continue
+            mv = memoryview(v)
+            while mv.nbytes:
+                take = min(chunk - filled, mv.nbytes)
+                pending.append(mv[:take])
+                mv = mv[take:]
+                filled += take
+                if filled == chunk:
+                    yield pb.GetChunk(data=b"".join(pending))
+                    pending, filled = [], 0
+        if pending:
+            yield pb.GetChunk(data=b"".join(pending))
+
+    @staticmethod
+    def _check_chunk(chunk: int) -> None:
+        if not 4096 <= chunk <= MAX_MESSAGE:
+            raise BadRequest(f"chunk_bytes must be 4 KiB..{MAX_MESSAGE >> 20} MiB")
+
+    def Put(self, request_iterator, context):  # noqa: N802
+        def run() -> pb.PutReply:
+            stored = 0
+            nbytes = 0
+            for batch in request_iterator:
+                items = []
+                for it in batch.items:
+                    _check_keys([it.key])
+                    if len(it.value) > MAX_VALUE:
+                        raise BadRequest(f"value of {len(it.value)} bytes exceeds {MAX_VALUE}")
+                    if it.parent:
+                        _check_keys([it.parent])
+                    items.append(PutItem(it.key, it.value, it.parent or None))
+                    nbytes += len(it.value)
+                stored += self.backend.put_many(items)
+            if self.metrics is not None:
+                self.metrics.moved("in", nbytes)
+            return pb.PutReply(stored=stored)
+
+        return self._guard(context, "put", run)
+
+    def Contains(self, request, context):  # noqa: N802
+        return self._guard(context, "contains", lambda: pb.ContainsReply(
+            present=self.backend.contains_many(_check_keys(list(request.keys)))))
+
+    def Delete(self, request, context):  # noqa: N802
+        return self._guard(context, "delete", lambda: pb.CountReply(
+            count=self.backend.delete_many(_check_keys(list(request.keys)))))
+
+    def Pin(self, request, context):  # noqa: N802
+        return self._guard(context, "pin", lambda: pb.CountReply(
+            count=self.backend.pin(_check_keys(list(request.keys)), request.pinned)))
+
+    def Scan(self, request, context):  # noqa: N802
+        def run() -> pb.ScanReply:
+            if request.limit < 0:
+                raise BadRequest("limit must be >= 0")
+            entries = self.backend.scan(request.prefix, request.limit or None)
+            return pb.ScanReply(entries=[pb.ScanEntry(key=e.key, size=e.size, pinned=e.pinned,
+                                                      children=e.children) for e in entries])
+
+        return self._guard(context, "scan", run)
+
+    def Flush(self, request, context):  # noqa: N802
+        return self._guard(context, "flush", lambda: pb.CountReply(
+            count=self.backend.flush(request.prefix)))
+
+    def Stats(self, request, context):  # noqa: N802
+        def run() -> pb.StatsReply:
+            d = self.backend.stats().as_dict()
+            d["server"] = {"version": __version__, "uptime_s": round(time.time() - self.started)}
+            return pb.StatsReply(json=json.dumps(d))
+
+        return self._guard(context, "stats", run)
+
+    def Health(self, request, context):  # noqa: N802
+        def run() -> pb.HealthReply:
+            h = self.backend.health()
+            return pb.HealthReply(ok=bool(h.get("ok")), backend=str(h.get("backend", "")),
+                                  version=__version__, entries=int(h.get("entries", 0)))
+
+        return self._guard(context, "health", run)
+
+
+def make_backend(config: ServerConfig) -> Backend:
+    if config.backend == "redis":
+        assert config.redis_url is not None
+        return open_backend(config.redis_url)
+    from kvtier.backends.memory import MemoryBackend
+
+    return MemoryBackend(config.capacity, policy=config.eviction)
+
+
+def serve(config: ServerConfig, backend: Backend | None = None) -> tuple[grpc.Server, int]:
+    """Start serving in background threads; returns the server and the bound port."""
+    backend = backend or make_backend(config)
+    metrics = None
+    if config.metrics_port is not None:
+        from kvtier.metrics import ServerMetrics
+
+        metrics = ServerMetrics(backend)
+        metrics.serve(config.metrics_port)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers),
+                         options=GRPC_OPTIONS)
+    pb_grpc.add_TierServicer_to_server(TierServicer(backend, metrics), server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {config.host}:{config.port} (in use?)")
+    server.start()
+    return server, port
+
+
+def run_server(config: ServerConfig) -> None:
+    """Serve until SIGTERM/SIGINT, then drain in-flight calls for up to 5 s."""
+    server, port = serve(config)
+    log.info("kvtier tier listening on %s:%d (%s backend)", config.host, port, config.backend)
+    print(f"kvtier serve: listening on grpc://{config.host}:{port} "
+          f"({config.backend} backend, capacity {config.capacity} bytes)", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=5).wait()
