@@ -2,8 +2,10 @@
 
 Loads: on admission, one lookup asks the tier for the deepest boundary at which
 every group (attention blocks *and* the recurrent state) can be restored; vLLM
-is told exactly that many tokens and the worker loads them before the forward
-pass (synchronous loads, so a failure is known before any token is produced).
+is told exactly that many tokens. Loads are asynchronous: the request waits
+(``WAITING_FOR_REMOTE_KVS``) while the worker fetches, validates and scatters,
+and a failed load makes vLLM recompute the request from scratch -- the only
+failure report vLLM accepts for hybrid models -- and it is not retried.
 
 Saves: an attention block is saved in the step that fills it; a recurrent state
 is saved in the step vLLM offers it (``boundary_state_offloads``, prefill and
@@ -55,6 +57,8 @@ class SchedulerSide:
         self._reqs: dict[str, _ReqState] = {}
         self._loads: list[LoadJob] = []
         self._manifest_written = False
+        self._inflight_loads: set[str] = set()
+        self._failed_loads: set[str] = set()
 
     def _write_manifest(self) -> None:
         """Best effort, once the tier answers: lets admin tools decode this namespace."""
@@ -93,6 +97,9 @@ class SchedulerSide:
     def _match(self, request: Request, num_computed: int) -> tuple[int, bool]:
         self._pending_hits[request.request_id] = (num_computed, 0)
         self._write_manifest()
+        if request.request_id in self._failed_loads:
+            self._failed_loads.discard(request.request_id)
+            return 0, False  # its load just failed: recompute, don't try again
         if not self.cfg.load or getattr(request, "skip_reading_prefix_cache", False):
             return 0, False
         S = self.layout.scheduler_block_size
@@ -116,11 +123,13 @@ class SchedulerSide:
         self.stats.lookup(ext > 0, result.reason.value if ext == 0 else "hit", ext)
         if ext:
             self._pending_hits[request.request_id] = (num_computed, ext)
-        return ext, False
+        return ext, ext > 0
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
                                  num_external_tokens: int) -> None:
         rid = request.request_id
+        if num_external_tokens <= 0 and rid in self._reqs and rid not in self._pending_hits:
+            return  # second call of an async load, once it has completed: keep the state
         local, _ = self._pending_hits.pop(rid, (request.num_computed_tokens, 0))
         restored = local + num_external_tokens
         st = _ReqState(request, restored)
@@ -152,14 +161,15 @@ class SchedulerSide:
             log.warning("kvtier: cannot map the %d-token load of %s; recomputing",
                         num_external_tokens, rid)
             self._loads.append(LoadJob(rid, [], all_ids))
+            self._inflight_loads.add(rid)
             return
         self._loads.append(LoadJob(rid, ios, [b.block_id for b in ios], restored))
+        self._inflight_loads.add(rid)
 
     # -- per step ------------------------------------------------------------
     def build_connector_meta(self, out: SchedulerOutput) -> KVTierMetadata:
         meta = KVTierMetadata(loads=self._loads)
         self._loads = []
-        self._add_running_state_targets(meta, out)
         if not self.cfg.save:
             return meta
         gone = set(out.preempted_req_ids or ()) | set(out.finished_req_ids)
@@ -237,37 +247,18 @@ class SchedulerSide:
         st.saved_states.add((gid, boundary))
         meta.saves.append(BlockIO(gid, bid, h, ph, anchor.group_id))
 
-    def _add_running_state_targets(self, meta: KVTierMetadata, out: SchedulerOutput) -> None:
-        """Also write each restored state into the block the forward pass will run from.
-
-        In align mode the worker copies a request's last state into its current
-        "running" block (index ``cdiv(computed + scheduled, block) - 1``) *before*
-        connector loads run, so a restored state must land there too.
-        """
-        block_state = out.kv_connector_block_state
-        for job in meta.loads:
-            if not job.blocks:
-                continue
-            n = out.num_scheduled_tokens.get(job.req_id, 0)
-            ids = block_state.get_block_ids(job.req_id) if block_state is not None else None
-            if n <= 0 or ids is None:
-                job.blocks = []  # cannot place the state: fail the load, vLLM recomputes
-                continue
-            extra = []
-            for b in job.blocks:
-                g = self.layout.group(b.group_id)
-                if g.kind is not GroupKind.STATE:
-                    continue
-                idx = -(-(job.restored_tokens + n) // g.block_size) - 1
-                if idx >= len(ids[b.group_id]) or not ids[b.group_id][idx]:
-                    job.blocks = []
-                    break
-                extra.append(BlockIO(b.group_id, ids[b.group_id][idx], b.block_hash))
-            else:
-                job.blocks.extend(extra)
-                job.all_block_ids.extend(x.block_id for x in extra)
+    def update_connector_output(self, finished_recving: set[str],
+                                failed_recving: set[str]) -> None:
+        self._inflight_loads.difference_update(finished_recving)
+        for rid in failed_recving:
+            self._inflight_loads.discard(rid)
+            self._failed_loads.add(rid)
+            self._reqs.pop(rid, None)  # it restarts from zero: nothing was restored
 
     def request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
-        self._reqs.pop(request.request_id, None)
-        self._pending_hits.pop(request.request_id, None)
-        return False, None
+        rid = request.request_id
+        self._reqs.pop(rid, None)
+        self._pending_hits.pop(rid, None)
+        self._failed_loads.discard(rid)
+        # A load still writing into this request's blocks keeps them until it reports.
+        return rid in self._inflight_loads, None

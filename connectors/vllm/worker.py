@@ -1,9 +1,9 @@
 """Worker side of the connector: moves bytes between vLLM's paged cache and the tier.
 
-Loads run before the forward pass (the scheduler asks for synchronous loads):
-one batched fetch, every payload validated (key, layout, length, checksum),
-then one scatter per group. Any failure marks the request's loaded blocks as
-errored so vLLM recomputes them: at worst slower, never wrong.
+Loads run in a background thread while the request waits: one batched fetch,
+every payload validated (key, layout, length, checksum), then one scatter per
+group. Any failure reports the request as a failed receive, so vLLM
+recomputes it: at worst slower, never wrong.
 
 Saves are gathered at the end of the step that wrote them (so the request
 still owns the blocks) into one staging buffer, and uploaded by a background
@@ -19,10 +19,11 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from kvtier.connectors.vllm.layout import CacheLayout
-from kvtier.connectors.vllm.metadata import BlockIO, KVTierMetadata
+from kvtier.connectors.vllm.metadata import BlockIO, KVTierMetadata, LoadJob
 from kvtier.connectors.vllm.stats import ConnectorStats
 
 from kvtier import payload
@@ -56,7 +57,11 @@ class WorkerSide:
         self.ns = layout.namespace(cfg.tenant).id
         self.views: dict[int, list[BlockView]] = {}
         self.digests: dict[int, bytes] = {}
-        self._errors: set[int] = set()
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")
+        self._results_lock = threading.Lock()
+        self._finished: set[str] = set()
+        self._failed: set[str] = set()
+        self._device_sync = None
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, cfg.save_queue_blocks // 16))
         self._uploader: threading.Thread | None = None
         self._kernels = torch_copy
@@ -72,7 +77,10 @@ class WorkerSide:
             desc = f"g{g.group_id}|" + "|".join(v.describe() for v in views)
             self.digests[g.group_id] = payload.layout_digest(desc)
         first = next(iter(kv_caches.values()))
-        self._kernels = for_device((first[0] if isinstance(first, (list, tuple)) else first).device)
+        device = (first[0] if isinstance(first, (list, tuple)) else first).device
+        self._kernels = for_device(device)
+        if device.type == "cuda":  # loads scatter from the loader thread: wait for them
+            self._device_sync = lambda: torch.cuda.synchronize(device)
         self._uploader = threading.Thread(target=self._upload_loop, name="kvtier-upload",
                                           daemon=True)
         self._uploader.start()
@@ -82,54 +90,73 @@ class WorkerSide:
 
     # -- loads ---------------------------------------------------------------
     def start_load_kv(self, meta: KVTierMetadata) -> None:
-        jobs = [j for j in meta.loads if j.blocks or j.all_block_ids]
-        if not jobs:
-            return
+        """Queue this step's loads; they complete in the background (async loads)."""
+        for job in meta.loads:
+            self._loader.submit(self._run_load, job)
+
+    def _run_load(self, job: LoadJob) -> None:
         t0 = time.perf_counter()
-        flat = [(j, b) for j in jobs for b in j.blocks]
-        keys = [self._key(b.group_id, b.block_hash).encode() for _, b in flat]
+        try:
+            ok = self._load(job)
+        except Exception as e:  # noqa: BLE001 - a load failure is a miss, never a crash
+            log.warning("kvtier: load of %s failed unexpectedly (%s); recomputing", job.req_id, e)
+            self.stats.error("load_exception")
+            ok = False
+        self.stats.latency.labels("load").observe(time.perf_counter() - t0)
+        with self._results_lock:
+            self._finished.add(job.req_id)
+            if not ok:
+                self._failed.add(job.req_id)
+                self.stats.add("requests_load_failed")
+            else:
+                self.stats.add("requests_loaded")
+
+    def _load(self, job: LoadJob) -> bool:
+        if not job.blocks:
+            return False
+        keys = [self._key(b.group_id, b.block_hash).encode() for b in job.blocks]
         unique = list(dict.fromkeys(keys))
-        fetched = dict(zip(unique, self.tier.get_many(unique))) if unique else {}
-        values = [fetched[k] for k in keys]
-        failed_jobs = {id(j) for j in jobs if not j.blocks}
-        good: dict[int, list[tuple[int, memoryview]]] = defaultdict(list)
-        for (job, b), raw in zip(flat, values):
-            if id(job) in failed_jobs:
-                continue
+        fetched = dict(zip(unique, self.tier.get_many(unique)))
+        by_group: dict[int, list[tuple[int, memoryview]]] = defaultdict(list)
+        corrupt: list[bytes] = []
+        for b, k in zip(job.blocks, keys):
+            raw = fetched[k]
+            if raw is None:
+                self.stats.error("load_missing")
+                log.warning("kvtier: block of %s vanished before its load; recomputing",
+                            job.req_id)
+                return False
             try:
-                if raw is None:
-                    raise payload.PayloadError("missing")
                 data = payload.decode(raw, self._key(b.group_id, b.block_hash),
                                       self.digests[b.group_id])
                 expect = sum(v.block_nbytes for v in self.views[b.group_id])
                 if data.nbytes != expect:
                     raise payload.PayloadError(f"{data.nbytes} bytes, expected {expect}")
             except payload.PayloadError as e:
-                self.stats.error("load_missing" if str(e) == "missing" else "load_invalid")
-                log.warning("kvtier: load of %s failed (%s); recomputing", job.req_id, e)
-                failed_jobs.add(id(job))
+                self.stats.error("load_invalid")
+                log.warning("kvtier: invalid block for %s (%s); recomputing", job.req_id, e)
+                corrupt.append(k)
                 continue
-            good[id(job)].append((b.group_id, b.block_id, data))
-        loaded_tokens = 0
-        by_group: dict[int, list[tuple[int, memoryview]]] = defaultdict(list)
-        for job in jobs:
-            if id(job) in failed_jobs:
-                self._errors.update(job.all_block_ids)
-                continue
-            for gid, bid, data in good[id(job)]:
-                by_group[gid].append((bid, data))
-            loaded_tokens += 1
+            by_group[b.group_id].append((b.block_id, data))
+        if corrupt:
+            # Useless to everyone: drop it so a healthy copy can be stored again.
+            self.tier.delete_many(corrupt)
+            return False
         for gid, items in by_group.items():
             rows = torch.frombuffer(bytearray(b"".join(d for _, d in items)), dtype=torch.uint8)
             self._kernels.scatter(self.views[gid], [bid for bid, _ in items],
                                   rows.view(len(items), -1))
             self.stats.moved("loaded", len(items), rows.numel())
-        self.stats.add("requests_loaded", loaded_tokens)
-        self.stats.latency.labels("load").observe(time.perf_counter() - t0)
+        if self._device_sync is not None:
+            self._device_sync()
+        return True
 
-    def take_load_errors(self) -> set[int]:
-        errs, self._errors = self._errors, set()
-        return errs
+    def take_transfer_results(self) -> tuple[set[str], set[str]]:
+        """(finished, failed) loads since the last call; failed ones are in both."""
+        with self._results_lock:
+            done, failed = self._finished, self._failed
+            self._finished, self._failed = set(), set()
+        return done, failed
 
     # -- saves ---------------------------------------------------------------
     def wait_for_save(self, meta: KVTierMetadata) -> None:
