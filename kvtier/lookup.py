@@ -103,35 +103,51 @@ def deepest_restorable(
     contains: Callable[[list[bytes]], Sequence[bool]],
     with_details: bool = False,
 ) -> LookupResult:
-    """Deepest boundary > start whose every group is restorable, else ``start_boundary``."""
+    """Deepest boundary > start whose every group is restorable, else ``start_boundary``.
+
+    All keys the range needs go to ``contains`` in one batch (one round trip on
+    a remote store); the rest is integer bookkeeping.
+    """
     start, end = query.start_boundary, query.num_boundaries
     if end <= start or not query.groups:
         return LookupResult(start, StopReason.NOTHING_TO_LOOK_UP)
+    n = end - start
+    hashes = query.hashes
     wanted: list[bytes] = []
-    spans: list[list[tuple[int, int]]] = []  # per boundary: (group_id, [lo, hi) into wanted)
-    for b in range(start + 1, end + 1):
-        row = []
-        for g in query.groups:
-            lo = len(wanted)
-            wanted.extend(query.key(g, i).encode() for i in query.blocks_at(g, b))
-            row.append((g.group_id, lo, len(wanted)))
-        spans.append(row)
+    spans = []  # (group, blocks per boundary, offset into wanted)
+    for g in query.groups:
+        pre = BlockKey(query.namespace, query.rank, g.group_id, b"").encode()
+        hpb = g.hashes_per_block
+        per = query.hashes_per_boundary // hpb
+        if g.kind is GroupKind.STATE:
+            idxs = range((start + 1) * per - 1, end * per, per)
+        else:
+            idxs = range(start * per, end * per)
+        spans.append((g, per, len(wanted)))
+        wanted.extend([pre + hashes[(i + 1) * hpb - 1].hex().encode() for i in idxs])
     found = contains(wanted)
-    kinds = {g.group_id: g.kind for g in query.groups}
+    # present[g][j]: boundary start+1+j has what group g needs there.
+    present: dict[int, list[bool]] = {}
+    for g, per, off in spans:
+        if g.kind is GroupKind.STATE:
+            present[g.group_id] = list(found[off:off + n])
+        else:
+            present[g.group_id] = [all(found[off + j * per: off + (j + 1) * per])
+                                   for j in range(n)]
+    attention = [g.group_id for g in query.groups if g.kind is GroupKind.ATTENTION]
+    states = [g.group_id for g in query.groups if g.kind is GroupKind.STATE]
     best, prefix_ok, first_gap = start, True, None
     details: list[BoundaryDetail] = []
-    for i, row in enumerate(spans):
-        b = start + 1 + i
-        present = {gid: all(found[lo:hi]) for gid, lo, hi in row}
-        attention = all(p for gid, p in present.items() if kinds[gid] is GroupKind.ATTENTION)
-        states = all(p for gid, p in present.items() if kinds[gid] is GroupKind.STATE)
-        prefix_ok = prefix_ok and attention
-        if prefix_ok and states:
+    for j in range(n):
+        b = start + 1 + j
+        prefix_ok = prefix_ok and all(present[gid][j] for gid in attention)
+        if prefix_ok and all(present[gid][j] for gid in states):
             best, first_gap = b, None
         elif first_gap is None:
             first_gap = StopReason.MISSING_STATE if prefix_ok else StopReason.MISSING_ATTENTION
         if with_details:
-            details.append(BoundaryDetail(b, b * query.hashes_per_boundary, present, prefix_ok))
+            details.append(BoundaryDetail(b, b * query.hashes_per_boundary,
+                                          {gid: p[j] for gid, p in present.items()}, prefix_ok))
         elif not prefix_ok:
             break
     return LookupResult(best, first_gap or StopReason.FULL, details)

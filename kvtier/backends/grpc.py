@@ -19,10 +19,14 @@ from kvtier.backends.base import Backend, BackendError, BackendStats, EntryInfo,
 from kvtier.lookup import BoundaryDetail, GroupKind, LookupQuery, LookupResult, StopReason
 from kvtier.proto import tier_pb2 as pb
 from kvtier.proto import tier_pb2_grpc as pb_grpc
-from kvtier.server.grpc_server import GRPC_OPTIONS
+from kvtier.server.grpc_server import GRPC_OPTIONS, split_data_chunk
 
 PUT_BATCH_BYTES = 8 << 20
 _KIND = {GroupKind.ATTENTION: pb.ATTENTION, GroupKind.STATE: pb.STATE}
+
+
+def _identity(b: bytes) -> bytes:
+    return b
 
 
 def parse_grpc_url(url: str) -> str:
@@ -45,6 +49,10 @@ class GrpcBackend(Backend):
         self.chunk_bytes = chunk_bytes
         self._channel = grpc.insecure_channel(self.target, options=GRPC_OPTIONS)
         self._stub = pb_grpc.TierStub(self._channel)
+        # Bulk chunks arrive as raw serialized messages; framing is parsed by hand.
+        self._get_raw = self._channel.unary_stream(
+            "/kvtier.v1.Tier/Get", request_serializer=pb.GetRequest.SerializeToString,
+            response_deserializer=_identity)
         self._pool = ThreadPoolExecutor(max_workers=self.streams, thread_name_prefix="kvtier-get")
 
     def _err(self, what: str, e: grpc.RpcError) -> BackendError:
@@ -79,9 +87,9 @@ class GrpcBackend(Backend):
     # -- bulk reads ------------------------------------------------------------------
     def _get_one_stream(self, keys: Sequence[bytes]) -> list[memoryview | None]:
         try:
-            stream = self._stub.Get(pb.GetRequest(keys=list(keys), chunk_bytes=self.chunk_bytes),
-                                    timeout=self.timeout_s)
-            head = next(stream)
+            stream = self._get_raw(pb.GetRequest(keys=list(keys), chunk_bytes=self.chunk_bytes),
+                                   timeout=self.timeout_s)
+            head = pb.GetChunk.FromString(next(stream))
             sizes = list(head.sizes)
             if len(sizes) != len(keys):
                 raise BackendError(f"tier {self.url} answered {len(sizes)} sizes for "
@@ -90,11 +98,15 @@ class GrpcBackend(Backend):
             buf = bytearray(total)
             view = memoryview(buf)
             pos = 0
-            for chunk in stream:
-                n = len(chunk.data)
+            for raw in stream:
+                try:
+                    data = split_data_chunk(raw)
+                except ValueError as e:
+                    raise BackendError(f"tier {self.url} sent a malformed chunk: {e}") from None
+                n = data.nbytes
                 if pos + n > total:
                     raise BackendError(f"tier {self.url} sent more bytes than announced")
-                view[pos:pos + n] = chunk.data
+                view[pos:pos + n] = data
                 pos += n
             if pos != total:
                 raise BackendError(f"tier {self.url} sent {pos} of {total} bytes")

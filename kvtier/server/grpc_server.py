@@ -41,6 +41,48 @@ GRPC_OPTIONS = [
 _KINDS = {pb.ATTENTION: GroupKind.ATTENTION, pb.STATE: GroupKind.STATE}
 
 
+def _identity(b: bytes) -> bytes:
+    return b
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+_DATA_TAG = bytes([(2 << 3) | 2])  # GetChunk.data: field 2, length-delimited
+
+
+def data_chunk(parts: list[memoryview], nbytes: int) -> bytes:
+    """A serialized ``GetChunk(data=...)``, built with one copy of the payload bytes."""
+    return b"".join([_DATA_TAG, _varint(nbytes), *parts])
+
+
+def split_data_chunk(raw: bytes) -> memoryview:
+    """The ``data`` bytes of a serialized data-only GetChunk, without copying."""
+    mv = memoryview(raw)
+    if not raw or raw[0] != _DATA_TAG[0]:
+        raise ValueError("not a data chunk")
+    n, shift, i = 0, 0, 1
+    while True:
+        b = raw[i]
+        n |= (b & 0x7F) << shift
+        i += 1
+        if not b & 0x80:
+            break
+        shift += 7
+    if len(raw) - i != n:
+        raise ValueError("truncated data chunk")
+    return mv[i:]
+
+
 class BadRequest(ValueError):
     """Client error: reported as INVALID_ARGUMENT."""
 
@@ -73,7 +115,8 @@ def lookup_query(req: pb.LookupRequest) -> LookupQuery:
             raise BadRequest(f"group {g.group_id}: kind must be ATTENTION or STATE")
         groups.append(GroupQuery(g.group_id, _KINDS[g.kind], g.hashes_per_block))
     n = req.hash_len
-    hashes = [req.hashes_packed[i:i + n] for i in range(0, len(req.hashes_packed), n)]
+    packed = req.hashes_packed  # each attribute access copies: read it once
+    hashes = [packed[i:i + n] for i in range(0, len(packed), n)]
     try:
         return LookupQuery(req.namespace, req.rank, hashes, req.hashes_per_boundary, groups,
                            req.start_boundary, req.max_boundary or None)
@@ -113,7 +156,9 @@ class TierServicer(pb_grpc.TierServicer):
 
         return self._guard(context, "lookup", run)
 
-    def Get(self, request, context) -> Iterator[pb.GetChunk]:  # noqa: N802
+    def Get(self, request, context) -> Iterator[bytes]:  # noqa: N802
+        """Yields *serialized* GetChunk messages (see :func:`data_chunk`): the bulk
+        bytes are framed by hand instead of copied through protobuf."""
         chunk = request.chunk_bytes or DEFAULT_CHUNK
         values = self._guard(context, "get", lambda: (
             self._check_chunk(chunk), self.backend.get_many(_check_keys(list(request.keys))))[1])
@@ -121,7 +166,7 @@ class TierServicer(pb_grpc.TierServicer):
         if self.metrics is not None:
             self.metrics.moved("out", sum(s for s in sizes if s > 0))
             self.metrics.hits(sum(s >= 0 for s in sizes), sum(s < 0 for s in sizes))
-        yield pb.GetChunk(sizes=sizes)
+        yield pb.GetChunk(sizes=sizes).SerializeToString()
         pending: list[memoryview] = []
         filled = 0
         for v in values:
@@ -134,10 +179,10 @@ class TierServicer(pb_grpc.TierServicer):
                 mv = mv[take:]
                 filled += take
                 if filled == chunk:
-                    yield pb.GetChunk(data=b"".join(pending))
+                    yield data_chunk(pending, filled)
                     pending, filled = [], 0
         if pending:
-            yield pb.GetChunk(data=b"".join(pending))
+            yield data_chunk(pending, filled)
 
     @staticmethod
     def _check_chunk(chunk: int) -> None:
@@ -208,6 +253,30 @@ class TierServicer(pb_grpc.TierServicer):
         return self._guard(context, "health", run)
 
 
+def method_handlers(servicer: TierServicer) -> grpc.GenericRpcHandler:
+    """Handlers for every method of the service, from its descriptor.
+
+    Same as the generated registration, except that Get's chunks are sent as
+    the pre-serialized bytes the servicer yields.
+    """
+    factories = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    service = pb.DESCRIPTOR.services_by_name["Tier"]
+    handlers = {}
+    for m in service.methods:
+        req_cls = getattr(pb, m.input_type.name)
+        resp_cls = getattr(pb, m.output_type.name)
+        make = factories[(m.client_streaming, m.server_streaming)]
+        handlers[m.name] = make(
+            getattr(servicer, m.name), request_deserializer=req_cls.FromString,
+            response_serializer=_identity if m.name == "Get" else resp_cls.SerializeToString)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
 def make_backend(config: ServerConfig) -> Backend:
     if config.backend == "redis":
         assert config.redis_url is not None
@@ -228,7 +297,7 @@ def serve(config: ServerConfig, backend: Backend | None = None) -> tuple[grpc.Se
         metrics.serve(config.metrics_port)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers),
                          options=GRPC_OPTIONS)
-    pb_grpc.add_TierServicer_to_server(TierServicer(backend, metrics), server)
+    server.add_generic_rpc_handlers((method_handlers(TierServicer(backend, metrics)),))
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port} (in use?)")
