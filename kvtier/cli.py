@@ -66,6 +66,8 @@ def serve(
     redis_url: Annotated[str | None, typer.Option(help="for --backend redis")] = None,
     eviction: Annotated[str, typer.Option(help="memory store eviction: lru or fifo")] = "lru",
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus /metrics port")] = None,
+    bulk_port: Annotated[int, typer.Option(
+        help="raw-TCP bulk read port (0: any free port; -1: off)")] = 0,
 ) -> None:
     """Run the tier server (the main job). The embedded in-memory store is the default."""
     import logging
@@ -76,7 +78,8 @@ def serve(
     try:
         cfg = load_config(ServerConfig, dict(
             host=host, port=port, capacity=capacity, backend=backend, redis_url=redis_url,
-            eviction=eviction, metrics_port=metrics_port))
+            eviction=eviction, metrics_port=metrics_port,
+            bulk_port=None if bulk_port < 0 else bulk_port))
     except ConfigError as e:
         fail(str(e), 2)
     try:

@@ -55,6 +55,9 @@ class ServerConfig(_Strict):
     redis_url: str | None = None
     eviction: Literal["lru", "fifo"] = "lru"
     metrics_port: int | None = Field(None, ge=0, le=65535)
+    bulk_port: int | None = Field(
+        0, ge=0, le=65535,
+        description="raw-TCP bulk read port (0: any free port, advertised by Health; None: off)")
     max_workers: int = Field(8, ge=1, le=256)
 
     @field_validator("capacity", mode="before")

@@ -9,6 +9,8 @@ split across a few concurrent streams.
 from __future__ import annotations
 
 import json
+import socket
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
@@ -19,6 +21,7 @@ from kvtier.backends.base import Backend, BackendError, BackendStats, EntryInfo,
 from kvtier.lookup import BoundaryDetail, GroupKind, LookupQuery, LookupResult, StopReason
 from kvtier.proto import tier_pb2 as pb
 from kvtier.proto import tier_pb2_grpc as pb_grpc
+from kvtier.server import bulk
 from kvtier.server.grpc_server import GRPC_OPTIONS, split_data_chunk
 
 PUT_BATCH_BYTES = 8 << 20
@@ -40,8 +43,12 @@ def parse_grpc_url(url: str) -> str:
 class GrpcBackend(Backend):
     name = "grpc"
 
-    def __init__(self, url: str, timeout_s: float = 5.0, streams: int = 2,
-                 chunk_bytes: int = 4 << 20):
+    def __init__(self, url: str, timeout_s: float = 5.0, streams: int = 4,
+                 chunk_bytes: int = 1 << 20, bulk: bool = True, reuse_buffer: bool = False):
+        """``reuse_buffer``: bulk reads land in one per-thread buffer that is reused,
+        so returned views are only valid until that thread's next ``get_many``
+        (what a loader that consumes them at once wants: no 64 MiB page-faulting
+        allocation per restore)."""
         self.url = url
         self.target = parse_grpc_url(url)
         self.timeout_s = timeout_s
@@ -54,6 +61,10 @@ class GrpcBackend(Backend):
             "/kvtier.v1.Tier/Get", request_serializer=pb.GetRequest.SerializeToString,
             response_deserializer=_identity)
         self._pool = ThreadPoolExecutor(max_workers=self.streams, thread_name_prefix="kvtier-get")
+        self._use_bulk = bulk
+        self._reuse_buffer = reuse_buffer
+        self._bulk_port: int | None = None  # learnt from Health on first bulk read
+        self._bulk_local = threading.local()
 
     def _err(self, what: str, e: grpc.RpcError) -> BackendError:
         code = e.code() if hasattr(e, "code") else None
@@ -124,9 +135,43 @@ class GrpcBackend(Backend):
                 off += s
         return out
 
+    def _bulk_get(self, keys: Sequence[bytes]) -> list[memoryview | None] | None:
+        """Read over the raw-TCP data plane; None if the server has none."""
+        if self._bulk_port is None:
+            self._bulk_port = int(self.health().get("bulk_port", 0))
+        if not self._bulk_port:
+            return None
+        sock = getattr(self._bulk_local, "sock", None)
+        try:
+            if sock is None:
+                host = self.target.rsplit(":", 1)[0].strip("[]")
+                sock = socket.create_connection((host, self._bulk_port), timeout=self.timeout_s)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._bulk_local.sock = sock
+            sock.settimeout(self.timeout_s)
+            sock.sendall(bulk.encode_request(keys))
+            if not self._reuse_buffer:
+                return bulk.read_response(sock, len(keys))
+            buf = getattr(self._bulk_local, "buf", None)
+            out = bulk.read_response(sock, len(keys), buf)
+            if out and any(v is not None for v in out):
+                first = next(v for v in out if v is not None)
+                self._bulk_local.buf = first.obj  # keep the (possibly grown) buffer
+            return out
+        except (OSError, bulk.BulkProtocolError) as e:
+            self._bulk_local.sock = None
+            if sock is not None:
+                sock.close()
+            self._bulk_port = None  # rediscover (the server may have restarted)
+            raise BackendError(f"bulk read from tier {self.url} failed: {e}") from None
+
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:  # type: ignore[override]
         if not keys:
             return []
+        if self._use_bulk:
+            got = self._bulk_get(keys)
+            if got is not None:
+                return got  # type: ignore[return-value]
         n = min(self.streams, max(1, len(keys) // 16))
         if n == 1:
             return self._get_one_stream(keys)  # type: ignore[return-value]
@@ -194,8 +239,11 @@ class GrpcBackend(Backend):
     def health(self) -> dict:
         r = self._unary("health", self._stub.Health, pb.HealthRequest())
         return {"ok": r.ok, "backend": r.backend, "version": r.version, "entries": r.entries,
-                "url": self.url}
+                "bulk_port": r.bulk_port, "url": self.url}
 
     def close(self) -> None:
+        sock = getattr(self._bulk_local, "sock", None)
+        if sock is not None:
+            sock.close()
         self._pool.shutdown(wait=False)
         self._channel.close()

@@ -187,13 +187,15 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("ok", "backend", "version", "entries")
+    __slots__ = ("ok", "backend", "version", "entries", "bulk_port")
     OK_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    BULK_PORT_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     backend: str
     version: str
     entries: int
-    def __init__(self, ok: _Optional[bool] = ..., backend: _Optional[str] = ..., version: _Optional[str] = ..., entries: _Optional[int] = ...) -> None: ...
+    bulk_port: int
+    def __init__(self, ok: _Optional[bool] = ..., backend: _Optional[str] = ..., version: _Optional[str] = ..., entries: _Optional[int] = ..., bulk_port: _Optional[int] = ...) -> None: ...

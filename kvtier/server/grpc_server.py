@@ -125,9 +125,10 @@ def lookup_query(req: pb.LookupRequest) -> LookupQuery:
 
 
 class TierServicer(pb_grpc.TierServicer):
-    def __init__(self, backend: Backend, metrics: object | None = None):
+    def __init__(self, backend: Backend, metrics: object | None = None, bulk_port: int = 0):
         self.backend = backend
         self.metrics = metrics
+        self.bulk_port = bulk_port
         self.started = time.time()
 
     def _guard(self, context: grpc.ServicerContext, method: str, fn):  # noqa: ANN001
@@ -248,7 +249,8 @@ class TierServicer(pb_grpc.TierServicer):
         def run() -> pb.HealthReply:
             h = self.backend.health()
             return pb.HealthReply(ok=bool(h.get("ok")), backend=str(h.get("backend", "")),
-                                  version=__version__, entries=int(h.get("entries", 0)))
+                                  version=__version__, entries=int(h.get("entries", 0)),
+                                  bulk_port=self.bulk_port)
 
         return self._guard(context, "health", run)
 
@@ -287,7 +289,9 @@ def make_backend(config: ServerConfig) -> Backend:
 
 
 def serve(config: ServerConfig, backend: Backend | None = None) -> tuple[grpc.Server, int]:
-    """Start serving in background threads; returns the server and the bound port."""
+    """Start serving in background threads; returns the server and the bound gRPC port.
+
+    The bulk data plane (if enabled) is attached as ``server.kvtier_bulk``."""
     backend = backend or make_backend(config)
     metrics = None
     if config.metrics_port is not None:
@@ -297,11 +301,20 @@ def serve(config: ServerConfig, backend: Backend | None = None) -> tuple[grpc.Se
         metrics.serve(config.metrics_port)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers),
                          options=GRPC_OPTIONS)
-    server.add_generic_rpc_handlers((method_handlers(TierServicer(backend, metrics)),))
+    bulk = None
+    if config.bulk_port is not None:
+        from kvtier.server.bulk import BulkServer
+
+        bulk = BulkServer(backend, config.host, config.bulk_port, metrics).start()
+    servicer = TierServicer(backend, metrics, bulk.port if bulk else 0)
+    server.add_generic_rpc_handlers((method_handlers(servicer),))
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
+        if bulk is not None:
+            bulk.stop()
         raise OSError(f"cannot listen on {config.host}:{config.port} (in use?)")
     server.start()
+    server.kvtier_bulk = bulk  # type: ignore[attr-defined]
     return server, port
 
 
@@ -309,10 +322,14 @@ def run_server(config: ServerConfig) -> None:
     """Serve until SIGTERM/SIGINT, then drain in-flight calls for up to 5 s."""
     server, port = serve(config)
     log.info("kvtier tier listening on %s:%d (%s backend)", config.host, port, config.backend)
+    bulk = server.kvtier_bulk  # type: ignore[attr-defined]
     print(f"kvtier serve: listening on grpc://{config.host}:{port} "
-          f"({config.backend} backend, capacity {config.capacity} bytes)", flush=True)
+          f"({config.backend} backend, capacity {config.capacity} bytes"
+          + (f", bulk reads on tcp port {bulk.port}" if bulk else "") + ")", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
+    if bulk is not None:
+        bulk.stop()
     server.stop(grace=5).wait()

@@ -1,0 +1,166 @@
+"""The bulk data plane: batched reads over a plain TCP connection.
+
+gRPC in Python copies every chunk several times on its way through the C core
+and protobuf; for the multi-megabyte reads a prefix restore needs, the tier
+server also answers the *same* batched get on a raw socket: one request frame,
+then a header of sizes and the values sent straight from the store with
+``sendmsg`` (no join, no framing copies). The client receives into one
+preallocated buffer. Health advertises the port; clients fall back to gRPC
+streaming when it is absent or fails.
+
+Frames (little-endian)::
+
+    request:  b"KVTG" u32 nkeys, nkeys x (u16 len, key bytes)
+    response: b"KVTR" u32 nkeys, nkeys x i64 size (-1 missing), values...
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import socketserver
+import struct
+import threading
+from collections.abc import Sequence
+
+from kvtier.backends.base import Backend, BackendError
+
+log = logging.getLogger("kvtier.bulk")
+REQ_MAGIC, RESP_MAGIC = b"KVTG", b"KVTR"
+MAX_KEYS = 1 << 20
+IOV_BATCH = 512
+
+
+class BulkProtocolError(ValueError):
+    pass
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ConnectionError("peer closed the connection")
+        got += k
+    return bytes(buf)
+
+
+def encode_request(keys: Sequence[bytes]) -> bytes:
+    parts = [REQ_MAGIC, struct.pack("<I", len(keys))]
+    for k in keys:
+        parts.append(struct.pack("<H", len(k)))
+        parts.append(k)
+    return b"".join(parts)
+
+
+def read_request(sock: socket.socket) -> list[bytes] | None:
+    head = sock.recv(8, socket.MSG_WAITALL)
+    if not head:
+        return None
+    if len(head) != 8 or head[:4] != REQ_MAGIC:
+        raise BulkProtocolError("bad request frame")
+    (n,) = struct.unpack_from("<I", head, 4)
+    if n > MAX_KEYS:
+        raise BulkProtocolError(f"too many keys ({n})")
+    keys = []
+    for _ in range(n):
+        (klen,) = struct.unpack("<H", _recv_exact(sock, 2))
+        keys.append(_recv_exact(sock, klen))
+    return keys
+
+
+def send_response(sock: socket.socket, values: Sequence[bytes | memoryview | None]) -> None:
+    sizes = [-1 if v is None else len(v) for v in values]
+    header = RESP_MAGIC + struct.pack(f"<I{len(sizes)}q", len(sizes), *sizes)
+    bufs: list = [header]
+    bufs.extend(memoryview(v) for v in values if v)
+    for i in range(0, len(bufs), IOV_BATCH):
+        batch = bufs[i:i + IOV_BATCH]
+        while batch:
+            sent = sock.sendmsg(batch)
+            # Drop what went out; keep the unsent tail of a partly sent buffer.
+            while batch and sent >= len(batch[0]):
+                sent -= len(batch[0])
+                batch.pop(0)
+            if batch and sent:
+                batch[0] = memoryview(batch[0])[sent:]
+
+
+def read_response(sock: socket.socket, nkeys: int,
+                  buf: bytearray | None = None) -> list[memoryview | None]:
+    """Values as views into ``buf`` (reused if big enough, else a new buffer)."""
+    head = _recv_exact(sock, 8 + 8 * nkeys)
+    if head[:4] != RESP_MAGIC or struct.unpack_from("<I", head, 4)[0] != nkeys:
+        raise BulkProtocolError("bad response frame")
+    sizes = struct.unpack_from(f"<{nkeys}q", head, 8)
+    total = sum(s for s in sizes if s > 0)
+    if buf is None or len(buf) < total:
+        buf = bytearray(total)
+    view = memoryview(buf)
+    got = 0
+    while got < total:
+        k = sock.recv_into(view[got:], min(total - got, 16 << 20))
+        if k == 0:
+            raise ConnectionError("tier closed the bulk connection mid-response")
+        got += k
+    out: list[memoryview | None] = []
+    off = 0
+    for s in sizes:
+        if s < 0:
+            out.append(None)
+        else:
+            out.append(view[off:off + s])
+            off += s
+    return out
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        backend: Backend = self.server.backend  # type: ignore[attr-defined]
+        metrics = self.server.metrics  # type: ignore[attr-defined]
+        while True:
+            try:
+                keys = read_request(sock)
+                if keys is None:
+                    return
+                values = backend.get_many(keys)
+            except (BulkProtocolError, BackendError, ConnectionError, OSError) as e:
+                log.warning("bulk connection from %s dropped: %s", self.client_address, e)
+                return
+            if metrics is not None:
+                sizes = [len(v) for v in values if v is not None]
+                metrics.moved("out", sum(sizes))
+                metrics.hits(len(sizes), len(values) - len(sizes))
+                metrics.observe("bulk_get", "OK", 0.0)
+            try:
+                send_response(sock, values)
+            except OSError:
+                return
+
+
+class BulkServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, backend: Backend, host: str, port: int, metrics: object | None = None):
+        self.backend = backend
+        self.metrics = metrics
+        super().__init__((host, port), _Handler)
+        self._thread = threading.Thread(target=self.serve_forever, name="kvtier-bulk",
+                                        daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def start(self) -> BulkServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
