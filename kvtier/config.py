@@ -80,6 +80,10 @@ class ConnectorConfig(_Strict):
     save: bool = True
     load: bool = True
     save_queue_blocks: int = Field(4096, ge=1, description="blocks waiting for upload before drops")
+    save_decode: bool = Field(
+        True, description="also save blocks and states written by decode (lets the next turn "
+        "of a chat hit past this turn's prompt; such restores are equivalent to a cold prefill "
+        "up to kernel rounding, not bit-identical)")
     checkpoint_every: int = Field(
         1, ge=0, le=1024,
         description="end a prefill chunk (so a recurrent state is written and saved) every N "

@@ -16,6 +16,7 @@ class BlockIO:
     block_hash: bytes
     parent_hash: bytes | None = None  # hash of the block this one extends (saves only)
     parent_group: int | None = None
+    decode: bool = False  # written by decode steps (see kvtier.payload.FLAG_DECODE)
 
 
 @dataclass

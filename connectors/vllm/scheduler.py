@@ -199,9 +199,11 @@ class SchedulerSide:
                         last = i
                         break
                     bid = ids[g.group_id][i]
-                    if bid:
+                    decode = (i + 1) * g.block_size > req.num_prompt_tokens
+                    if bid and (self.cfg.save_decode or not decode):
                         parent = self.layout.block_hash(hashes, g, i - 1) if i else None
-                        meta.saves.append(BlockIO(g.group_id, bid, h, parent, g.group_id))
+                        meta.saves.append(BlockIO(g.group_id, bid, h, parent, g.group_id,
+                                                  decode))
                 st.next_save[g.group_id] = max(first, last)
         # Recurrent states: the exact hand-offs vLLM offers (prefill checkpoints) ...
         for rid, entries in block_state.boundary_state_offloads.items():
@@ -244,8 +246,11 @@ class SchedulerSide:
         ph = self.layout.block_hash(hashes, anchor, boundary // anchor.block_size - 1)
         if h is None or ph is None:
             return
+        decode = boundary > st.request.num_prompt_tokens
+        if decode and not self.cfg.save_decode:
+            return
         st.saved_states.add((gid, boundary))
-        meta.saves.append(BlockIO(gid, bid, h, ph, anchor.group_id))
+        meta.saves.append(BlockIO(gid, bid, h, ph, anchor.group_id, decode))
 
     def update_connector_output(self, finished_recving: set[str],
                                 failed_recving: set[str]) -> None:

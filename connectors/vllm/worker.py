@@ -177,7 +177,9 @@ class WorkerSide:
                 key = self._key(gid, b.block_hash)
                 parent = (self._key(b.parent_group, b.parent_hash).encode()
                           if b.parent_hash is not None and b.parent_group is not None else None)
-                items.append(PutItem(key.encode(), payload.encode(key, self.digests[gid], buf[i]),
+                flags = payload.FLAG_DECODE if b.decode else 0
+                items.append(PutItem(key.encode(),
+                                     payload.encode(key, self.digests[gid], buf[i], flags),
                                      parent))
         # Parents before children: attention blocks in order, then the states on them.
         order = {gid: i for i, gid in enumerate(g.group_id for g in self.layout.groups
