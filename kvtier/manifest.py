@@ -37,9 +37,9 @@ class NamespaceManifest:
         return json.dumps(asdict(self), sort_keys=True).encode()
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> NamespaceManifest:
+    def from_bytes(cls, raw: bytes | memoryview) -> NamespaceManifest:
         try:
-            d = json.loads(raw)
+            d = json.loads(bytes(raw))
             d["groups"] = [GroupInfo(**g) for g in d.get("groups", [])]
             return cls(**d)
         except (ValueError, TypeError) as e:
