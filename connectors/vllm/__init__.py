@@ -46,6 +46,17 @@ __all__ = ["KVTierConnector", "KVTierMetadata"]
 log = logging.getLogger("kvtier.connector")
 
 
+def _route_logs_to_vllm() -> None:
+    """kvtier's own loggers print through vLLM's handlers (same format, same place)."""
+    kv = logging.getLogger("kvtier")
+    if kv.handlers:
+        return
+    for h in logging.getLogger("vllm").handlers:
+        kv.addHandler(h)
+    kv.setLevel(logging.INFO)
+    kv.propagate = False
+
+
 class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig):
@@ -56,6 +67,8 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
         if self._kv_transfer_config.kv_load_failure_policy != "recompute":
             object.__setattr__(self._kv_transfer_config, "kv_load_failure_policy", "recompute")
         self.stats = ConnectorStats.for_process()
+        self._metrics_checked = False
+        _route_logs_to_vllm()
         self._sched: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         try:
@@ -77,11 +90,8 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
                 rank = 0
             self._worker = WorkerSide(self.cfg, self.layout, tier, self.stats, rank,
                                       kv_cache_config.num_blocks)
-        if self.cfg.metrics_port is not None:
-            port = self.cfg.metrics_port
-            if role != KVConnectorRole.SCHEDULER and ConnectorStats._served_port is None:
-                port += 1 + (self._worker.rank if self._worker is not None else 0)
-            self.stats.serve(port)
+        if self.cfg.metrics_port is not None and role == KVConnectorRole.SCHEDULER:
+            self.stats.serve(self.cfg.metrics_port)
         log.info("kvtier connector (%s) on %s, namespace %s, boundary every %d tokens",
                  role.name.lower(), self.cfg.tier_url,
                  self.layout.namespace(self.cfg.tenant).hex, self.layout.scheduler_block_size)
@@ -95,7 +105,17 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
         if self._worker is not None:
             self._worker.register_kv_caches(kv_caches)
 
+    def _serve_worker_metrics(self) -> None:
+        """A worker in its own process serves on metrics_port + 1 + rank; one that shares
+        the scheduler's process (which started first by now) shares its endpoint."""
+        if self.cfg.metrics_port is None or self._worker is None or self._metrics_checked:
+            return
+        self._metrics_checked = True
+        if ConnectorStats._served_port is None:
+            self.stats.serve(self.cfg.metrics_port + 1 + self._worker.rank)
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        self._serve_worker_metrics()
         meta = self._get_connector_metadata()
         if self._worker is not None and isinstance(meta, KVTierMetadata):
             self._worker.start_load_kv(meta)

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from kvtier.testing.engine_proc import EngineProcess, engine_kwargs  # noqa: E402
-from kvtier.testing.tier_proc import TierProcess  # noqa: E402
+from kvtier.testing.tier_proc import TierProcess, free_port  # noqa: E402
 from kvtier.testing.tiny_model import build_model  # noqa: E402
 
 BLOCK = 384  # the tiny model's boundary (vLLM raises attention to the Mamba page)
@@ -34,11 +34,13 @@ def tier() -> Iterator[TierProcess]:
 
 @pytest.fixture(scope="session")
 def engines(model_path: Path, tier: TierProcess) -> Iterator[dict[str, EngineProcess]]:
+    b_metrics = free_port()
     procs = {
         "cold": EngineProcess(engine_kwargs(model_path), "cold"),
         "a": EngineProcess(engine_kwargs(model_path, tier.url), "node-a"),
-        "b": EngineProcess(engine_kwargs(model_path, tier.url), "node-b"),
+        "b": EngineProcess(engine_kwargs(model_path, tier.url, metrics_port=b_metrics), "node-b"),
     }
+    procs["b"].metrics_port = b_metrics  # type: ignore[attr-defined]
     try:
         for p in procs.values():
             p.wait_ready()

@@ -156,3 +156,36 @@ def test_tier_down_at_start_and_killed_mid_run(model_path, cold):
         # And with the tier gone for good the engine keeps serving, as misses.
         after = c.generate(p)
         assert (after.num_cached_tokens, after.token_ids) == (0, ref.token_ids)
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_connector_metrics_count_hits_and_misses(node_a, node_b):
+    """Known sequence on node B: one miss (fresh prompt), then one hit of 1152 tokens."""
+    port = node_b.metrics_port
+    before = scrape(port)
+    p = prompt(1300, seed=109)
+    node_b.generate(p)  # nothing stored yet: a miss; B saves it
+    node_b.generate(p)  # local cache emptied: the tier's hit
+    after = scrape(port)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("kvtier_connector_lookups_total", outcome="hit", reason="hit") == 1
+    assert delta("kvtier_connector_lookups_total", outcome="miss",
+                 reason="missing_attention_block") == 1
+    assert delta("kvtier_connector_tokens_total", direction="hit") == 1152
+    assert delta("kvtier_connector_tokens_total", direction="saved") == 1152
+    assert delta("kvtier_connector_blocks_total", direction="loaded") == 3 + 3  # 3 attn + 3 states
+    assert delta("kvtier_connector_bytes_total", direction="loaded") > 0
+    assert delta("kvtier_connector_seconds_count", op="load") == 1
