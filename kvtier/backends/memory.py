@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,10 @@ class _Entry:
     parent: bytes | None
     children: int = 0
     pinned: bool = False
+    # Identity of this entry and of the parent entry it was linked to: if the
+    # parent key is deleted and stored again, the new entry is not our parent.
+    serial: int = 0
+    parent_serial: int = -1
 
 
 class MemoryBackend(Backend):
@@ -30,6 +35,7 @@ class MemoryBackend(Backend):
         self._policy = make_policy(policy) if isinstance(policy, str) else policy
         self._entries: dict[bytes, _Entry] = {}
         self._used = 0
+        self._serials = itertools.count()
         self._lock = threading.Lock()
         self._hits = self._misses = self._puts = self._evictions = self._rejected = 0
 
@@ -79,14 +85,18 @@ class MemoryBackend(Backend):
                     continue
                 # Link to the parent first so making room can never evict it.
                 parent = it.parent if it.parent in self._entries else None
+                parent_serial = -1
                 if parent is not None:
-                    self._entries[parent].children += 1
+                    p = self._entries[parent]
+                    p.children += 1
+                    parent_serial = p.serial
                 if not self._make_room(size):
                     if parent is not None:
-                        self._unlink(parent)
+                        self._unlink(parent, parent_serial)
                     self._rejected += 1
                     continue
-                self._entries[it.key] = _Entry(it.value, parent)
+                self._entries[it.key] = _Entry(it.value, parent, serial=next(self._serials),
+                                               parent_serial=parent_serial)
                 self._used += size
                 self._policy.touched(it.key)
                 self._puts += 1
@@ -145,13 +155,13 @@ class MemoryBackend(Backend):
         self._used -= len(e.value)
         self._policy.forget(key)
         if e.parent is not None:
-            self._unlink(e.parent)
+            self._unlink(e.parent, e.parent_serial)
         # Orphaned children stay (lookup verifies prefixes); they are leaves or parents as before.
         return True
 
-    def _unlink(self, parent: bytes) -> None:
+    def _unlink(self, parent: bytes, serial: int) -> None:
         p = self._entries.get(parent)
-        if p is not None:
+        if p is not None and p.serial == serial:
             p.children -= 1
             if p.children == 0 and not p.pinned:
                 self._policy.leaf(parent)
