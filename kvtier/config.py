@@ -8,7 +8,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
-          "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}
+          "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12,
+          "tib": 1 << 40}
 TIER_SCHEMES = ("memory", "grpc", "redis", "rediss", "redis+cluster", "rediss+cluster")
 
 
@@ -18,6 +19,8 @@ class ConfigError(ValueError):
 
 def parse_bytes(value: int | str) -> int:
     """``"4GiB"`` -> 4294967296; plain ints pass through."""
+    if isinstance(value, bool):
+        raise ValueError(f"size must be a byte count or e.g. 4GiB, got {value!r}")
     if isinstance(value, int):
         n = value
     else:

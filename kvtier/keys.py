@@ -70,6 +70,9 @@ class BlockKey:
         parts = raw.split(b":")
         if len(parts) != 5 or parts[0] != KEY_PREFIX:
             raise ValueError(f"not a kvtier block key: {raw[:80]!r}")
+        if len(parts[1]) != 2 * NAMESPACE_BYTES:
+            raise ValueError(f"malformed kvtier block key {raw[:80]!r}: namespace must be "
+                             f"{2 * NAMESPACE_BYTES} hex digits")
         try:
             return cls(
                 namespace=bytes.fromhex(parts[1].decode()),

@@ -59,6 +59,8 @@ def encode(key: BlockKey, layout: bytes, data: bytes | memoryview, flags: int = 
         raise ValueError("layout digest must be 8 bytes (use layout_digest())")
     if flags & ~KNOWN_FLAGS:
         raise ValueError(f"unknown payload flags {flags:#04x}")
+    if not (0 <= key.group <= 0xFFFF and 0 <= key.rank <= 0xFFFF):
+        raise ValueError("group and rank must be within 0..65535")
     mv = memoryview(data).cast("B")
     header = _HEADER.pack(
         MAGIC,
