@@ -15,6 +15,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
@@ -36,7 +37,9 @@ BATCH = 512
 
 
 def fail(msg: str, code: int = 1) -> NoReturn:
-    err.print(f"[red]error:[/red] {msg}")
+    # One line whatever the terminal width; the message is text, not markup (keys and
+    # user input may hold brackets).
+    err.print(f"[red]error:[/red] {escape(msg)}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -133,14 +136,17 @@ def _manifests(b: Backend) -> dict[str, Any]:
     found = {}
     for v in b.get_many(keys):
         if v is not None:
-            with_m = NamespaceManifest.from_bytes(bytes(v))
+            try:
+                with_m = NamespaceManifest.from_bytes(bytes(v))
+            except ValueError:
+                continue  # a damaged manifest: its namespace shows as model "?"
             found[with_m.namespace] = with_m
     return found
 
 
 @app.command("ls")
 def ls_(url: Url = DEFAULT_URL, namespace: Namespace = None,
-        limit: Annotated[int, typer.Option(help="blocks to list with --namespace")] = 50,
+        limit: Annotated[int, typer.Option(min=1, help="blocks to list with --namespace")] = 50,
         as_json: Json = False) -> None:
     """Namespaces (model, layout, blocks, bytes) or, with --namespace, their blocks."""
     from kvtier.keys import BlockKey, is_manifest_key, namespace_prefix
@@ -150,7 +156,9 @@ def ls_(url: Url = DEFAULT_URL, namespace: Namespace = None,
             if namespace:
                 ns = _ns_bytes(namespace)
                 rows = []
+                known = False
                 for e in b.scan(namespace_prefix(ns), limit=None):
+                    known = True
                     if is_manifest_key(e.key):
                         continue
                     k = BlockKey.decode(e.key)
@@ -159,6 +167,8 @@ def ls_(url: Url = DEFAULT_URL, namespace: Namespace = None,
                                  "pinned": e.pinned})
                     if len(rows) >= limit:
                         break
+                if not known:
+                    fail(f"namespace {namespace} is not in this tier (see `kvtier ls`)", 2)
                 t = Table(title=f"blocks of {namespace}")
                 for c in ("group", "rank", "hash", "bytes", "pinned"):
                     t.add_column(c)
@@ -191,7 +201,9 @@ def ls_(url: Url = DEFAULT_URL, namespace: Namespace = None,
                      "boundary_tokens": m.boundary_tokens if m else None,
                      "groups": sorted(a["groups"]), "blocks": a["blocks"], "bytes": a["bytes"]})
     t = Table(title=f"kvtier namespaces — {url}")
-    for c in ("namespace", "model", "boundary", "groups", "blocks", "bytes"):
+    # The namespace is what `-n` takes: never truncate it.
+    t.add_column("namespace", no_wrap=True, min_width=32)
+    for c in ("model", "boundary", "groups", "blocks", "bytes"):
         t.add_column(c)
     for r in rows:
         t.add_row(r["namespace"], str(r["model"] or "?"), str(r["boundary_tokens"] or "?"),
@@ -239,7 +251,7 @@ def inspect(key: Annotated[str, typer.Argument(help="a block key (see `kvtier ls
         info.update(valid=False, problem=str(e))
     t = Table(title="block")
     t.add_column("field")
-    t.add_column("value")
+    t.add_column("value", overflow="fold")
     for f, val in info.items():
         t.add_row(f, str(val))
     emit(info, as_json, t)
@@ -317,12 +329,16 @@ def _token_ids(prompt: str | None, tokenizer: str | None, token_ids: str | None,
 
 # -- mutating admin -------------------------------------------------------------------------
 def _select(b: Backend, keys: list[str], namespace: str | None) -> list[bytes]:
-    from kvtier.keys import BlockKey, namespace_prefix
+    from kvtier.keys import BlockKey, is_manifest_key, namespace_prefix
 
     if bool(keys) == bool(namespace):
         fail("give block keys or --namespace (not both)", 2)
     if namespace:
-        return [e.key for e in b.scan(namespace_prefix(_ns_bytes(namespace)))]
+        found = [e.key for e in b.scan(namespace_prefix(_ns_bytes(namespace)))]
+        if not found:
+            fail(f"namespace {namespace} is not in this tier (see `kvtier ls`)", 2)
+        # Blocks only: the manifest stays, so `ls` and `explain` still know the namespace.
+        return [k for k in found if not is_manifest_key(k)]
     for k in keys:
         try:
             BlockKey.decode(k)
@@ -392,7 +408,8 @@ def flush(url: Url = DEFAULT_URL, namespace: Namespace = None,
     if not yes:
         if not sys.stdin.isatty():
             fail(f"refusing to flush {what} without confirmation: pass --yes", 2)
-        if not typer.confirm(f"Flush {what} from {url}?"):
+        # The question goes to stderr: stdout stays clean for --json.
+        if not typer.confirm(f"Flush {what} from {url}?", err=True):
             raise typer.Exit(1)
     try:
         with connect(url) as b:

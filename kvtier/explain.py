@@ -18,8 +18,10 @@ def explain_prompt(backend: Backend, m: NamespaceManifest, token_ids: Sequence[i
     hashes = prompt_block_hashes(token_ids, m.hash_block_size, m.hash_algo)
     per_boundary = m.boundary_tokens // m.hash_block_size
     groups = m.group_queries()
-    q = LookupQuery(ns, rank, hashes, per_boundary, groups, 0,
-                    max(0, (len(token_ids) - 1) // m.boundary_tokens))
+    # The engine always computes the last token: boundaries past (len - 1) are never restored.
+    # Cap by passing only their hashes (a max_boundary of 0 means "no cap" on the wire).
+    max_b = max(0, (len(token_ids) - 1) // m.boundary_tokens)
+    q = LookupQuery(ns, rank, hashes[:max_b * per_boundary], per_boundary, groups, 0, max_b)
     res = backend.lookup(q, with_details=True)
     rows = []
     for d in res.details:

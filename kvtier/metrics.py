@@ -69,4 +69,8 @@ class ServerMetrics:
         self.blocks.labels("miss").inc(misses)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=addr, registry=self.registry)
+        try:
+            start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as e:
+            raise OSError(f"cannot serve metrics on {addr}:{port} ({e.strerror or e}); "
+                          "choose a free --metrics-port") from e

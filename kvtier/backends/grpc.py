@@ -1,14 +1,18 @@
 """Client of a ``kvtier serve`` tier server, as a :class:`Backend`.
 
-Lookups are answered by the server in one round trip. Bulk reads are streamed
-into one preallocated buffer and returned as memoryviews into it (no per-value
-copy; :func:`kvtier.payload.decode` takes them as they are); large reads are
-split across a few concurrent streams.
+Lookups are answered by the server in one round trip. Bulk reads land in one
+preallocated buffer (anonymous memory, see :func:`kvtier.server.bulk.alloc_buffer`)
+and come back as ``memoryview`` slices of it, not ``bytes``: no per-value copy,
+and :func:`kvtier.payload.decode` takes them as they are. They
+go over the server's raw-TCP bulk port when it advertises one, else over gRPC
+streaming (split across a few concurrent streams for large reads).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import socket
 import threading
 from collections.abc import Iterator, Sequence
@@ -43,12 +47,17 @@ def parse_grpc_url(url: str) -> str:
 class GrpcBackend(Backend):
     name = "grpc"
 
-    def __init__(self, url: str, timeout_s: float = 5.0, streams: int = 4,
+    def __init__(self, url: str, timeout_s: float = 2.0, streams: int = 4,
                  chunk_bytes: int = 1 << 20, bulk: bool = True, reuse_buffer: bool = False):
-        """``reuse_buffer``: bulk reads land in one per-thread buffer that is reused,
-        so returned views are only valid until that thread's next ``get_many``
-        (what a loader that consumes them at once wants: no 64 MiB page-faulting
-        allocation per restore)."""
+        """``timeout_s`` bounds every call (bulk socket reads included): a dead or hung
+        tier costs one timeout and a :class:`BackendError`, never a hang.
+
+        ``reuse_buffer``: keep each thread's bulk-read buffer and land the next read
+        in it *if nothing still views the previous one* (checked, so returned views
+        are never overwritten under a caller that kept them). A loader that
+        consumes each read before the next skips a page-faulting allocation of the
+        whole read per restore, at the price of holding that memory.
+        """
         self.url = url
         self.target = parse_grpc_url(url)
         self.timeout_s = timeout_s
@@ -76,16 +85,30 @@ class GrpcBackend(Backend):
 
     # -- lookup --------------------------------------------------------------------
     def lookup(self, query: LookupQuery, with_details: bool = False) -> LookupResult:
-        hlen = len(query.hashes[0]) if query.hashes else 32
+        """One round trip; sends only the hashes that close a block of some group.
+
+        A block of a group spanning ``k`` hashes is keyed by every ``k``-th hash,
+        so with ``g`` = gcd of the groups' spans the query over ``hashes[g-1::g]``
+        (spans divided by ``g``) asks for exactly the same keys: a 128K-token
+        prompt at 16-token hashes and 384-token blocks sends 341 hashes, not 8192.
+        """
+        if query.num_boundaries <= query.start_boundary or not query.groups:
+            # Nothing to ask (as deepest_restorable answers it); and a max_boundary of 0
+            # would read "no cap" on the wire.
+            return LookupResult(query.start_boundary, StopReason.NOTHING_TO_LOOK_UP)
+        g = math.gcd(query.hashes_per_boundary, *(q.hashes_per_block for q in query.groups))
+        hashes = list(query.hashes[g - 1::g]) if g > 1 else query.hashes
+        hlen = len(hashes[0]) if hashes else 32
+        if any(len(h) != hlen for h in hashes):
+            raise ValueError("all block hashes of a lookup must have the same length")
         req = pb.LookupRequest(
-            namespace=query.namespace, rank=query.rank, hashes_packed=b"".join(query.hashes),
-            hash_len=hlen, hashes_per_boundary=query.hashes_per_boundary,
-            groups=[pb.GroupQuery(group_id=g.group_id, kind=_KIND[g.kind],
-                                  hashes_per_block=g.hashes_per_block) for g in query.groups],
+            namespace=query.namespace, rank=query.rank, hashes_packed=b"".join(hashes),
+            hash_len=hlen, hashes_per_boundary=query.hashes_per_boundary // g,
+            groups=[pb.GroupQuery(group_id=q.group_id, kind=_KIND[q.kind],
+                                  hashes_per_block=q.hashes_per_block // g)
+                    for q in query.groups],
             start_boundary=query.start_boundary, max_boundary=query.max_boundary or 0,
             with_details=with_details)
-        if any(len(h) != hlen for h in query.hashes):
-            raise ValueError("all block hashes of a lookup must have the same length")
         try:
             r = self._stub.Lookup(req, timeout=self.timeout_s)
         except grpc.RpcError as e:
@@ -106,8 +129,7 @@ class GrpcBackend(Backend):
                 raise BackendError(f"tier {self.url} answered {len(sizes)} sizes for "
                                    f"{len(keys)} keys")
             total = sum(s for s in sizes if s > 0)
-            buf = bytearray(total)
-            view = memoryview(buf)
+            view = memoryview(self._buffer(total))
             pos = 0
             for raw in stream:
                 try:
@@ -135,6 +157,17 @@ class GrpcBackend(Backend):
                 off += s
         return out
 
+    def _buffer(self, nbytes: int) -> mmap.mmap:
+        """Where one read lands: this thread's last buffer if reusable, else a new one."""
+        if not self._reuse_buffer:
+            return bulk.alloc_buffer(nbytes)
+        buf = getattr(self._bulk_local, "buf", None)
+        if buf is None or len(buf) < nbytes or bulk.buffer_in_use(buf):
+            # Never a buffer the caller still views: those bytes stay as returned.
+            buf = bulk.alloc_buffer(nbytes)
+            self._bulk_local.buf = buf
+        return buf
+
     def _bulk_get(self, keys: Sequence[bytes]) -> list[memoryview | None] | None:
         """Read over the raw-TCP data plane; None if the server has none."""
         if self._bulk_port is None:
@@ -150,14 +183,9 @@ class GrpcBackend(Backend):
                 self._bulk_local.sock = sock
             sock.settimeout(self.timeout_s)
             sock.sendall(bulk.encode_request(keys))
-            if not self._reuse_buffer:
-                return bulk.read_response(sock, len(keys))
-            buf = getattr(self._bulk_local, "buf", None)
-            out = bulk.read_response(sock, len(keys), buf)
-            if out and any(v is not None for v in out):
-                first = next(v for v in out if v is not None)
-                self._bulk_local.buf = first.obj  # keep the (possibly grown) buffer
-            return out
+            return bulk.read_response(sock, len(keys), alloc=self._buffer)
+        except bulk.BulkRefused as e:
+            raise BackendError(f"get rejected by tier {self.url}: {e}") from None
         except (OSError, bulk.BulkProtocolError) as e:
             self._bulk_local.sock = None
             if sock is not None:

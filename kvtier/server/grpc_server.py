@@ -12,8 +12,9 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent import futures
+from typing import overload
 
 import grpc
 
@@ -32,6 +33,7 @@ MAX_MESSAGE = 512 << 20
 DEFAULT_CHUNK = 4 << 20
 MAX_VALUE = 256 << 20
 MAX_KEYS = 1 << 20
+MAX_HASHES = 1 << 22  # 64M tokens at 16-token hashes: anything larger is a client bug
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE),
     ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -99,24 +101,60 @@ def _check_keys(keys: list[bytes]) -> list[bytes]:
     return keys
 
 
+class PackedHashes(Sequence[bytes]):
+    """Fixed-length hashes concatenated in one bytes object, sliced only when read.
+
+    A lookup reads one hash per block (a block spans ``hashes_per_block``
+    hashes), so 8192 fine-grained hashes of a 128K-token prompt cost a few
+    hundred slices instead of 8192.
+    """
+
+    __slots__ = ("_packed", "_n", "_len")
+
+    def __init__(self, packed: bytes, hash_len: int):
+        self._packed, self._n, self._len = packed, hash_len, len(packed) // hash_len
+
+    def __len__(self) -> int:
+        return self._len
+
+    @overload
+    def __getitem__(self, i: int) -> bytes: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[bytes]: ...
+
+    def __getitem__(self, i: int | slice) -> bytes | list[bytes]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._len))]
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError("hash index out of range")
+        return self._packed[i * self._n:(i + 1) * self._n]
+
+
 def lookup_query(req: pb.LookupRequest) -> LookupQuery:
     """Validate a LookupRequest into a LookupQuery."""
+    packed = req.hashes_packed  # each attribute access copies: read it once
     if len(req.namespace) != NAMESPACE_BYTES:
         raise BadRequest(f"namespace must be {NAMESPACE_BYTES} bytes, got {len(req.namespace)}")
     if not 1 <= req.hash_len <= 64:
         raise BadRequest(f"hash_len must be 1..64, got {req.hash_len}")
-    if len(req.hashes_packed) % req.hash_len:
+    if len(packed) % req.hash_len:
         raise BadRequest("hashes_packed is not a whole number of hashes")
+    if len(packed) // req.hash_len > MAX_HASHES:
+        raise BadRequest(f"more than {MAX_HASHES} hashes in one lookup")
+    if req.rank < 0 or req.max_boundary < 0:
+        raise BadRequest("rank and max_boundary must be >= 0 (max_boundary 0: no cap)")
     if not req.groups:
         raise BadRequest("at least one group query is required")
     groups = []
     for g in req.groups:
+        if g.group_id < 0:
+            raise BadRequest(f"group_id must be >= 0, got {g.group_id}")
         if g.kind not in _KINDS:
             raise BadRequest(f"group {g.group_id}: kind must be ATTENTION or STATE")
         groups.append(GroupQuery(g.group_id, _KINDS[g.kind], g.hashes_per_block))
-    n = req.hash_len
-    packed = req.hashes_packed  # each attribute access copies: read it once
-    hashes = [packed[i:i + n] for i in range(0, len(packed), n)]
+    hashes = PackedHashes(packed, req.hash_len)
     try:
         return LookupQuery(req.namespace, req.rank, hashes, req.hashes_per_boundary, groups,
                            req.start_boundary, req.max_boundary or None)
@@ -299,8 +337,18 @@ def serve(config: ServerConfig, backend: Backend | None = None) -> tuple[grpc.Se
 
         metrics = ServerMetrics(backend)
         metrics.serve(config.metrics_port)
+    # No SO_REUSEPORT (gRPC's default on Linux): a second `kvtier serve` on a busy port must
+    # fail, not silently split the clients between two separate stores.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers),
-                         options=GRPC_OPTIONS)
+                         options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
+    # Bind the gRPC port before the bulk port: an any-port bulk listener could otherwise be
+    # handed the very port the caller picked for gRPC (a free port it just probed).
+    try:
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+    except RuntimeError:  # grpcio >= 1.5x raises instead of returning 0
+        port = 0
+    if port == 0:
+        raise OSError(f"cannot listen on {config.host}:{config.port} (in use?)")
     bulk = None
     if config.bulk_port is not None:
         from kvtier.server.bulk import BulkServer
@@ -308,11 +356,6 @@ def serve(config: ServerConfig, backend: Backend | None = None) -> tuple[grpc.Se
         bulk = BulkServer(backend, config.host, config.bulk_port, metrics).start()
     servicer = TierServicer(backend, metrics, bulk.port if bulk else 0)
     server.add_generic_rpc_handlers((method_handlers(servicer),))
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        if bulk is not None:
-            bulk.stop()
-        raise OSError(f"cannot listen on {config.host}:{config.port} (in use?)")
     server.start()
     server.kvtier_bulk = bulk  # type: ignore[attr-defined]
     return server, port
