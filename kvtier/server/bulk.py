@@ -24,6 +24,7 @@ import socket
 import socketserver
 import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from kvtier.backends.base import Backend, BackendError
@@ -186,27 +187,33 @@ class _Handler(socketserver.BaseRequestHandler):
             except (BulkProtocolError, ConnectionError, OSError) as e:
                 log.warning("bulk connection from %s dropped: %s", self.client_address, e)
                 return
+            # Timed like a gRPC call: from the whole request read to the last byte sent.
+            t0 = time.perf_counter()
             try:
                 values = backend.get_many(_check_keys(keys))
             except (BadRequest, BackendError) as e:
                 # Same answer as gRPC's INVALID_ARGUMENT / UNAVAILABLE; the stream stays in sync.
-                if metrics is not None:
-                    code = "INVALID_ARGUMENT" if isinstance(e, BadRequest) else "UNAVAILABLE"
-                    metrics.observe("bulk_get", code, 0.0)
+                code = "INVALID_ARGUMENT" if isinstance(e, BadRequest) else "UNAVAILABLE"
                 try:
                     send_refusal(sock, str(e) if isinstance(e, BadRequest) else f"backend: {e}")
                 except OSError:
                     return
+                finally:
+                    if metrics is not None:
+                        metrics.observe("bulk_get", code, time.perf_counter() - t0)
                 continue
-            if metrics is not None:
-                sizes = [len(v) for v in values if v is not None]
-                metrics.moved("out", sum(sizes))
-                metrics.hits(len(sizes), len(values) - len(sizes))
-                metrics.observe("bulk_get", "OK", 0.0)
+            code = "OK"
             try:
                 send_response(sock, values)
             except OSError:
+                code = "CANCELLED"  # the client went away mid-answer
                 return
+            finally:
+                if metrics is not None:
+                    sizes = [len(v) for v in values if v is not None]
+                    metrics.moved("out", sum(sizes))
+                    metrics.hits(len(sizes), len(values) - len(sizes))
+                    metrics.observe("bulk_get", code, time.perf_counter() - t0)
 
 
 class BulkServer(socketserver.ThreadingTCPServer):

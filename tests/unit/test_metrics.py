@@ -135,8 +135,6 @@ def test_request_block_and_occupancy_metrics(tier_with_metrics) -> None:
     assert s2.requests("delete") == 1 and s2.requests("pin") == 1
 
 
-@pytest.mark.xfail(reason="kvtier/server/bulk.py observes every bulk_get with 0.0 s, so the "
-                          "latency histogram of the bulk plane is always empty of time")
 def test_bulk_get_latency_is_measured(tier_with_metrics) -> None:
     tier, port = tier_with_metrics
     items = _blocks(os.urandom(16), 64)
