@@ -113,6 +113,17 @@ class EngineProcess:
                                       "reset": reset_local_cache})
         return Generation(out["token_ids"], out["num_cached_tokens"])
 
+    def generate_many(self, prompts: list[list[int]], max_tokens: int = 16,
+                      reset_local_cache: bool = True) -> list[Generation]:
+        """All prompts in one batch (they compete for KV blocks: preemption can happen)."""
+        outs = self._call("generate_many", {"prompts": prompts, "max_tokens": max_tokens,
+                                            "reset": reset_local_cache})
+        return [Generation(o["token_ids"], o["num_cached_tokens"]) for o in outs]
+
+    def engine_stats(self) -> dict[str, int]:
+        """vLLM scheduler counters the tests care about (preemptions so far)."""
+        return self._call("engine_stats")
+
     def connector_stats(self) -> dict[str, int]:
         """Scheduler + worker connector counters (after uploads drain)."""
         return self._call("stats")
@@ -147,6 +158,7 @@ def _child(sock: str) -> None:
                 from vllm import LLM
 
                 llm = LLM(**arg)
+                _count_preemptions(llm)
                 conn.send((True, None))
             elif op == "generate":
                 from vllm import SamplingParams
@@ -160,6 +172,22 @@ def _child(sock: str) -> None:
                 _flush_saves()
                 conn.send((True, {"token_ids": list(o.outputs[0].token_ids),
                                   "num_cached_tokens": int(o.num_cached_tokens or 0)}))
+            elif op == "generate_many":
+                from vllm import SamplingParams
+
+                assert llm is not None
+                if arg["reset"]:
+                    llm.reset_prefix_cache()
+                sp = SamplingParams(temperature=0.0, max_tokens=arg["max_tokens"],
+                                    ignore_eos=True)
+                outs = llm.generate([{"prompt_token_ids": p} for p in arg["prompts"]], sp,
+                                    use_tqdm=False)
+                _flush_saves()
+                conn.send((True, [{"token_ids": list(o.outputs[0].token_ids),
+                                   "num_cached_tokens": int(o.num_cached_tokens or 0)}
+                                  for o in outs]))
+            elif op == "engine_stats":
+                conn.send((True, _engine_stats(llm)))
             elif op == "stats":
                 conn.send((True, _connector_stats(llm)))
             else:
@@ -180,6 +208,25 @@ def _flush_saves() -> None:
     c = _worker_connector()
     if c is not None and getattr(c, "_worker", None) is not None:
         c._worker.flush()
+
+
+def _count_preemptions(llm: Any) -> None:
+    """Instrument (not replace) the scheduler's preemption, so tests can see it happened."""
+    sched = llm.llm_engine.engine_core.engine_core.scheduler
+    original = sched._preempt_request
+    sched._kvtier_preemptions = 0
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        sched._kvtier_preemptions += 1
+        return original(*args, **kwargs)
+
+    sched._preempt_request = counted
+
+
+def _engine_stats(llm: Any) -> dict[str, int]:
+    sched = llm.llm_engine.engine_core.engine_core.scheduler
+    reqs = getattr(sched, "_kvtier_preemptions", 0)
+    return {"preemptions": int(reqs), "num_blocks": int(sched.kv_cache_config.num_blocks)}
 
 
 def _connector_stats(llm: Any) -> dict[str, int]:

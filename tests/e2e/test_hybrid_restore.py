@@ -189,3 +189,20 @@ def test_connector_metrics_count_hits_and_misses(node_a, node_b):
     assert delta("kvtier_connector_blocks_total", direction="loaded") == 3 + 3  # 3 attn + 3 states
     assert delta("kvtier_connector_bytes_total", direction="loaded") > 0
     assert delta("kvtier_connector_seconds_count", op="load") == 1
+
+
+def test_preempted_requests_resume_with_batch_identical_tokens(model_path, tier, cold):
+    """A KV cache too small for the batch forces vLLM to preempt and resume requests
+    while the connector is saving and loading; every output must equal the same
+    batch on a cold engine (batched decode rounds differently from single requests,
+    so the reference is the batch, not each prompt alone)."""
+    kw = engine_kwargs(model_path, tier.url)
+    kw.update(kv_cache_memory_bytes=40 * 196_608, max_model_len=2048)  # 40 blocks
+    prompts = [prompt(1200, seed=300 + i) for i in range(4)]
+    ref = cold.generate_many(prompts, max_tokens=300)
+    with EngineProcess(kw, "node-small") as small:
+        outs = small.generate_many(prompts, max_tokens=300)
+        assert small.engine_stats()["preemptions"] >= 1, "the test must actually preempt"
+        stats = small.connector_stats()
+    assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
+    assert not any(k.startswith("error_") for k in stats), stats
