@@ -180,13 +180,7 @@ def ls_(url: Url = DEFAULT_URL, namespace: Namespace = None,
             manifests = _manifests(b)
             agg: dict[str, dict[str, Any]] = defaultdict(lambda: {"blocks": 0, "bytes": 0,
                                                                   "groups": set()})
-            for e in b.scan(b"kvt1:"):
-                if is_manifest_key(e.key):
-                    continue
-                try:
-                    k = BlockKey.decode(e.key)
-                except ValueError:
-                    continue
+            for k, e in b.scan_blocks():
                 a = agg[k.namespace.hex()]
                 a["blocks"] += 1
                 a["bytes"] += e.size

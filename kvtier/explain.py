@@ -7,7 +7,6 @@ from typing import Any
 
 from kvtier.backends.base import Backend
 from kvtier.hashing import prompt_block_hashes
-from kvtier.keys import BlockKey, is_manifest_key
 from kvtier.lookup import GroupKind, LookupQuery
 from kvtier.manifest import NamespaceManifest
 
@@ -76,13 +75,7 @@ def _other_namespace(backend: Backend, m: NamespaceManifest, hashes: list[bytes]
         return None
     per = m.boundary_tokens // m.hash_block_size
     first = hashes[min(per, len(hashes)) - 1]
-    for e in backend.scan(b"kvt1:"):
-        if is_manifest_key(e.key):
-            continue
-        try:
-            k = BlockKey.decode(e.key)
-        except ValueError:
-            continue
+    for k, _ in backend.scan_blocks():
         if k.block_hash == first and k.namespace.hex() != m.namespace:
             return k.namespace.hex()
     return None

@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
+from kvtier.keys import BlockKey, is_manifest_key
 from kvtier.lookup import LookupQuery, LookupResult, deepest_restorable
 
 
@@ -80,6 +81,16 @@ class Backend(ABC):
 
     def lookup(self, query: LookupQuery, with_details: bool = False) -> LookupResult:
         return deepest_restorable(query, self.contains_many, with_details)
+
+    def scan_blocks(self, prefix: bytes = b"kvt1:") -> Iterator[tuple[BlockKey, EntryInfo]]:
+        """Stored blocks under ``prefix``, decoded (manifests and foreign keys skipped)."""
+        for e in self.scan(prefix):
+            if is_manifest_key(e.key):
+                continue
+            try:
+                yield BlockKey.decode(e.key), e
+            except ValueError:
+                continue
 
     def pin(self, keys: Sequence[bytes], pinned: bool = True) -> int:
         """Exempt keys from eviction (or release them); returns how many exist."""

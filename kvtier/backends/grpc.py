@@ -147,15 +147,7 @@ class GrpcBackend(Backend):
             raise self._err("get", e) from None
         except StopIteration:
             raise BackendError(f"tier {self.url} closed the stream early") from None
-        out: list[memoryview | None] = []
-        off = 0
-        for s in sizes:
-            if s < 0:
-                out.append(None)
-            else:
-                out.append(view[off:off + s])
-                off += s
-        return out
+        return bulk.split_views(view, sizes)
 
     def _buffer(self, nbytes: int) -> mmap.mmap:
         """Where one read lands: this thread's last buffer if reusable, else a new one."""

@@ -162,6 +162,11 @@ def read_response(sock: socket.socket, nkeys: int,
         if k == 0:
             raise ConnectionError("tier closed the bulk connection mid-response")
         got += k
+    return split_views(view, sizes)
+
+
+def split_views(view: memoryview, sizes: Sequence[int]) -> list[memoryview | None]:
+    """Per-key views into one buffer holding the values back to back (-1: missing)."""
     out: list[memoryview | None] = []
     off = 0
     for s in sizes:

@@ -109,9 +109,7 @@ class EngineProcess:
                  reset_local_cache: bool = True) -> Generation:
         """Greedy generation; by default the local prefix cache is emptied first,
         so any hit is the tier's."""
-        out = self._call("generate", {"prompt": prompt_token_ids, "max_tokens": max_tokens,
-                                      "reset": reset_local_cache})
-        return Generation(out["token_ids"], out["num_cached_tokens"])
+        return self.generate_many([prompt_token_ids], max_tokens, reset_local_cache)[0]
 
     def generate_many(self, prompts: list[list[int]], max_tokens: int = 16,
                       reset_local_cache: bool = True) -> list[Generation]:
@@ -160,18 +158,6 @@ def _child(sock: str) -> None:
                 llm = LLM(**arg)
                 _count_preemptions(llm)
                 conn.send((True, None))
-            elif op == "generate":
-                from vllm import SamplingParams
-
-                assert llm is not None
-                if arg["reset"]:
-                    llm.reset_prefix_cache()
-                sp = SamplingParams(temperature=0.0, max_tokens=arg["max_tokens"],
-                                    ignore_eos=True)
-                o = llm.generate([{"prompt_token_ids": arg["prompt"]}], sp, use_tqdm=False)[0]
-                _flush_saves()
-                conn.send((True, {"token_ids": list(o.outputs[0].token_ids),
-                                  "num_cached_tokens": int(o.num_cached_tokens or 0)}))
             elif op == "generate_many":
                 from vllm import SamplingParams
 
