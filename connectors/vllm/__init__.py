@@ -88,7 +88,8 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
                 rank = get_tensor_model_parallel_rank()
             except Exception:  # noqa: BLE001 - no TP group outside a worker
                 rank = 0
-            self._worker = WorkerSide(self.cfg, self.layout, tier, self.stats, rank,
+            upload = GuardedBackend(self.cfg.tier_url, self.cfg.timeout_s, self.cfg.retry_after_s)
+            self._worker = WorkerSide(self.cfg, self.layout, tier, upload, self.stats, rank,
                                       kv_cache_config.num_blocks)
         if self.cfg.metrics_port is not None and role == KVConnectorRole.SCHEDULER:
             self.stats.serve(self.cfg.metrics_port)

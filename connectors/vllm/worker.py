@@ -47,10 +47,14 @@ def _block_view(t: torch.Tensor, num_blocks: int) -> BlockView:
 
 class WorkerSide:
     def __init__(self, cfg: ConnectorConfig, layout: CacheLayout, tier: GuardedBackend,
+                 upload_tier: GuardedBackend,
                  stats: ConnectorStats, rank: int, num_blocks: int):
         self.cfg = cfg
         self.layout = layout
         self.tier = tier
+        # Uploads get their own connection: a save stuck on a sick tier must not
+        # mark the load path down (or the other way round).
+        self.upload_tier = upload_tier
         self.stats = stats
         self.rank = rank
         self.num_blocks = num_blocks
@@ -197,7 +201,7 @@ class WorkerSide:
             if items is _STOP:
                 return
             t0 = time.perf_counter()
-            stored = self.tier.put_many(items)
+            stored = self.upload_tier.put_many(items)
             self.stats.latency.labels("upload").observe(time.perf_counter() - t0)
             self.stats.moved("saved", stored, sum(len(i.value) for i in items[:stored]))
             if stored < len(items):
@@ -220,6 +224,7 @@ class WorkerSide:
         with contextlib.suppress(queue.Full):
             self._queue.put_nowait(_STOP)
         self.tier.close()
+        self.upload_tier.close()
 
 
 def describe_views(views: Sequence[BlockView]) -> str:

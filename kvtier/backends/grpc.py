@@ -32,6 +32,11 @@ PUT_BATCH_BYTES = 8 << 20
 _KIND = {GroupKind.ATTENTION: pb.ATTENTION, GroupKind.STATE: pb.STATE}
 
 
+# A tier that was unreachable is retried within seconds, not gRPC's default minutes.
+CLIENT_OPTIONS = [*GRPC_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 500),
+                  ("grpc.min_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 2000)]
+
+
 def _identity(b: bytes) -> bytes:
     return b
 
@@ -63,7 +68,7 @@ class GrpcBackend(Backend):
         self.timeout_s = timeout_s
         self.streams = max(1, streams)
         self.chunk_bytes = chunk_bytes
-        self._channel = grpc.insecure_channel(self.target, options=GRPC_OPTIONS)
+        self._channel = grpc.insecure_channel(self.target, options=CLIENT_OPTIONS)
         self._stub = pb_grpc.TierStub(self._channel)
         # Bulk chunks arrive as raw serialized messages; framing is parsed by hand.
         self._get_raw = self._channel.unary_stream(

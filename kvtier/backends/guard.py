@@ -59,6 +59,7 @@ class GuardedBackend:
             return fn(backend)
         except Exception as e:  # noqa: BLE001 - the engine must keep serving whatever the tier does
             self.errors += 1
+            self.close()  # the next try, after the back-off, starts from a fresh connection
             self._down_until = time.monotonic() + self._retry_after_s
             now = time.monotonic()
             if now - self._last_warn > 10:
@@ -76,6 +77,9 @@ class GuardedBackend:
 
     def put_many(self, items: Sequence[PutItem]) -> int:
         return self._call("put", lambda b: b.put_many(items), 0)
+
+    def delete_many(self, keys: Sequence[bytes]) -> int:
+        return self._call("delete", lambda b: b.delete_many(keys), 0)
 
     def close(self) -> None:
         with self._lock:

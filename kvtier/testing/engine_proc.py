@@ -51,7 +51,9 @@ class EngineProcess:
     """Parent-side handle; ``generate`` returns greedy tokens and the reported hit."""
 
     def __init__(self, kwargs: dict[str, Any], name: str = "engine", log_dir: str | None = None,
-                 start_timeout_s: float = 300.0):
+                 start_timeout_s: float = 300.0, launcher: tuple[str, ...] = ()):
+        """``launcher`` prefixes the command, e.g. ``ip netns exec NODE`` to run the
+        engine on another test host (control goes over a filesystem socket)."""
         self.name = name
         self._dir = tempfile.mkdtemp(prefix=f"kvtier-{name}-")
         sock = os.path.join(self._dir, "ctl.sock")
@@ -61,7 +63,7 @@ class EngineProcess:
                "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvtier.testing.engine_proc", sock],
+            [*launcher, sys.executable, "-m", "kvtier.testing.engine_proc", sock],
             stdout=self._log, stderr=subprocess.STDOUT, env=env,
         )
         listener._listener._socket.settimeout(start_timeout_s)  # type: ignore[attr-defined]

@@ -23,7 +23,11 @@ class TierProcess:
     """Start/stop/kill a tier server on a fixed port (so clients can outlive it)."""
 
     def __init__(self, port: int | None = None, host: str = "127.0.0.1",
-                 capacity: str = "2GiB", extra_args: tuple[str, ...] = ()):
+                 capacity: str = "2GiB", extra_args: tuple[str, ...] = (),
+                 launcher: tuple[str, ...] = ()):
+        """``launcher`` prefixes the command (e.g. ``ip netns exec NODE``); give an
+        explicit ``port`` then, since a free port is probed on this host."""
+        self.launcher = launcher
         self.host, self.port = host, port or free_port(host)
         self.capacity, self.extra_args = capacity, extra_args
         self.proc: subprocess.Popen | None = None
@@ -36,7 +40,7 @@ class TierProcess:
     def start(self, timeout_s: float = 30.0) -> TierProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvtier.cli", "serve", "--host", self.host,
+            [*self.launcher, sys.executable, "-m", "kvtier.cli", "serve", "--host", self.host,
              "--port", str(self.port), "--capacity", self.capacity, *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT,
         )
