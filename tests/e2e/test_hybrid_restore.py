@@ -121,6 +121,20 @@ def test_corrupt_block_is_a_miss_not_wrong_tokens(cold, node_a, node_b, tier):
     out = node_b.generate(p)
     assert out.token_ids == ref.token_ids
     assert node_b.connector_stats().get("error_load_invalid", 0) > errors_before
+    # The corrupt blocks it tried were dropped and the recompute stored good
+    # copies in their place: the tier heals, the next request is a clean hit.
+    def valid(k: bytes, v) -> bool:  # noqa: ANN001
+        try:
+            payload.decode(v, BlockKey.decode(k))
+            return True
+        except payload.PayloadError:
+            return False
+
+    with open_backend(tier.url) as backend:
+        assert sum(valid(k, v) for k, v in zip(mine, backend.get_many(mine))) >= 6
+    healed = node_b.generate(p)
+    assert healed.num_cached_tokens == 1152
+    assert healed.token_ids == ref.token_ids
 
 
 def test_tier_down_at_start_and_killed_mid_run(model_path, cold):
