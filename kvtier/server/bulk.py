@@ -192,33 +192,31 @@ class _Handler(socketserver.BaseRequestHandler):
             except (BulkProtocolError, ConnectionError, OSError) as e:
                 log.warning("bulk connection from %s dropped: %s", self.client_address, e)
                 return
-            # Timed like a gRPC call: from the whole request read to the last byte sent.
+            # Timed from the whole request read to the answer ready to send, and
+            # recorded *before* it goes out, so a client that has its answer also
+            # finds it in the metrics (no scrape race).
             t0 = time.perf_counter()
             try:
                 values = backend.get_many(_check_keys(keys))
             except (BadRequest, BackendError) as e:
                 # Same answer as gRPC's INVALID_ARGUMENT / UNAVAILABLE; the stream stays in sync.
                 code = "INVALID_ARGUMENT" if isinstance(e, BadRequest) else "UNAVAILABLE"
+                if metrics is not None:
+                    metrics.observe("bulk_get", code, time.perf_counter() - t0)
                 try:
                     send_refusal(sock, str(e) if isinstance(e, BadRequest) else f"backend: {e}")
                 except OSError:
                     return
-                finally:
-                    if metrics is not None:
-                        metrics.observe("bulk_get", code, time.perf_counter() - t0)
                 continue
-            code = "OK"
+            if metrics is not None:
+                sizes = [len(v) for v in values if v is not None]
+                metrics.moved("out", sum(sizes))
+                metrics.hits(len(sizes), len(values) - len(sizes))
+                metrics.observe("bulk_get", "OK", time.perf_counter() - t0)
             try:
                 send_response(sock, values)
             except OSError:
-                code = "CANCELLED"  # the client went away mid-answer
-                return
-            finally:
-                if metrics is not None:
-                    sizes = [len(v) for v in values if v is not None]
-                    metrics.moved("out", sum(sizes))
-                    metrics.hits(len(sizes), len(values) - len(sizes))
-                    metrics.observe("bulk_get", code, time.perf_counter() - t0)
+                return  # the client went away mid-answer
 
 
 class BulkServer(socketserver.ThreadingTCPServer):
