@@ -214,7 +214,14 @@ def _count_preemptions(llm: Any) -> None:
 def _engine_stats(llm: Any) -> dict[str, int]:
     sched = llm.llm_engine.engine_core.engine_core.scheduler
     reqs = getattr(sched, "_kvtier_preemptions", 0)
-    return {"preemptions": int(reqs), "num_blocks": int(sched.kv_cache_config.num_blocks)}
+    out = {"preemptions": int(reqs), "num_blocks": int(sched.kv_cache_config.num_blocks)}
+    try:
+        from kvtier.connectors.vllm.stats import ConnectorStats
+
+        out["metrics_port"] = ConnectorStats._served_port or 0
+    except ImportError:  # pragma: no cover - vLLM missing
+        pass
+    return out
 
 
 def _connector_stats(llm: Any) -> dict[str, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -14,6 +15,21 @@ from kvtier.backends import BackendError, open_backend
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A free port *below* Linux's ephemeral range (32768+).
+
+    A port only stays free until someone binds it; vLLM, gRPC and the OS hand
+    out ephemeral ports all the time, so picking outside their range keeps a
+    port chosen now from being taken before the server we start binds it.
+    """
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]

@@ -184,7 +184,9 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
 
 def test_connector_metrics_count_hits_and_misses(node_a, node_b):
     """Known sequence on node B: one miss (fresh prompt), then one hit of 1152 tokens."""
-    port = node_b.metrics_port
+    # The port actually served (the configured one can be taken by the time the engine binds).
+    port = node_b.engine_stats()["metrics_port"]
+    assert port in (node_b.metrics_port, node_b.metrics_port + 1)
     before = scrape(port)
     p = prompt(1300, seed=109)
     node_b.generate(p)  # nothing stored yet: a miss; B saves it
