@@ -415,7 +415,8 @@ def flush(url: Url = DEFAULT_URL, namespace: Namespace = None,
 
 @app.command()
 def bench(
-    which: Annotated[str, typer.Argument(help="grpc, redis or all")] = "all",
+    which: Annotated[str, typer.Argument(help="grpc, redis, ttft or all (all: grpc + redis)")]
+    = "all",
     redis_url: Annotated[str | None, typer.Option(help="existing Redis (else started)")] = None,
     as_json: Json = False,
 ) -> None:
@@ -429,8 +430,12 @@ def bench(
         from kvtier.bench_redis import run_redis_bench
 
         results["redis"] = run_redis_bench(redis_url) if redis_url else run_redis_bench()
+    if which == "ttft":
+        from kvtier.bench_ttft import run_ttft_bench
+
+        results["ttft"] = run_ttft_bench(console=None if as_json else out)
     if not results:
-        fail(f"unknown benchmark {which!r}: use grpc, redis or all", 2)
+        fail(f"unknown benchmark {which!r}: use grpc, redis, ttft or all", 2)
     if as_json:
         emit(results, True)
 
