@@ -33,3 +33,5 @@ class LoadJob:
 class KVTierMetadata(KVConnectorMetadata):
     loads: list[LoadJob] = field(default_factory=list)
     saves: list[BlockIO] = field(default_factory=list)
+    # Nothing else runs this step: load inline (no GIL contention with the engine loop).
+    inline_loads: bool = False

@@ -168,7 +168,8 @@ class SchedulerSide:
 
     # -- per step ------------------------------------------------------------
     def build_connector_meta(self, out: SchedulerOutput) -> KVTierMetadata:
-        meta = KVTierMetadata(loads=self._loads)
+        meta = KVTierMetadata(loads=self._loads,
+                              inline_loads=out.total_num_scheduled_tokens == 0)
         self._loads = []
         if not self.cfg.save:
             return meta

@@ -94,9 +94,13 @@ class WorkerSide:
 
     # -- loads ---------------------------------------------------------------
     def start_load_kv(self, meta: KVTierMetadata) -> None:
-        """Queue this step's loads; they complete in the background (async loads)."""
+        """Run this step's loads: inline when the step has no forward work to delay
+        (the engine would only spin, competing for the GIL), else in the background."""
         for job in meta.loads:
-            self._loader.submit(self._run_load, job)
+            if meta.inline_loads:
+                self._run_load(job)
+            else:
+                self._loader.submit(self._run_load, job)
 
     def _run_load(self, job: LoadJob) -> None:
         t0 = time.perf_counter()
