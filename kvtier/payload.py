@@ -75,7 +75,7 @@ def encode(key: BlockKey, layout: bytes, data: bytes | memoryview, flags: int = 
         mv.nbytes,
         xxhash.xxh3_64_intdigest(mv),
     )
-    return header + mv.tobytes()
+    return b"".join((header, mv))  # one copy of the data
 
 
 def read_header(buf: bytes | memoryview) -> PayloadHeader:

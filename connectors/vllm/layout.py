@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kvtier.keys import BlockKey, Namespace, fingerprint
+from kvtier.keys import Namespace, fingerprint
 from kvtier.lookup import GroupKind, GroupQuery
 from kvtier.manifest import GroupInfo, NamespaceManifest
 
@@ -139,8 +139,3 @@ class CacheLayout:
         per = group.block_size // self.hash_block_size
         i = (block_index + 1) * per - 1
         return bytes(hashes[i]) if 0 <= i < len(hashes) else None
-
-    def key(self, ns: bytes, rank: int, hashes: Any, group: GroupLayout,
-            block_index: int) -> BlockKey | None:
-        h = self.block_hash(hashes, group, block_index)
-        return None if h is None else BlockKey(ns, rank, group.group_id, h)

@@ -21,12 +21,10 @@ class BlockIO:
 
 @dataclass
 class LoadJob:
+    """One request's restore; no blocks means it cannot be loaded (report it failed)."""
+
     req_id: str
     blocks: list[BlockIO]
-    # Every paged block of the load: reported as failed if any part fails, so
-    # vLLM recomputes the request instead of running on partial state.
-    all_block_ids: list[int]
-    restored_tokens: int = 0
 
 
 @dataclass

@@ -155,15 +155,12 @@ class SchedulerSide:
                     ok = False
                     continue
                 ios.append(BlockIO(g.group_id, ids[i], h))
-        all_ids = [b for ids in block_ids for b in ids if b]
         if not ok:
             # Cannot describe the load exactly: fail it so vLLM recomputes.
             log.warning("kvtier: cannot map the %d-token load of %s; recomputing",
                         num_external_tokens, rid)
-            self._loads.append(LoadJob(rid, [], all_ids))
-            self._inflight_loads.add(rid)
-            return
-        self._loads.append(LoadJob(rid, ios, [b.block_id for b in ios], restored))
+            ios = []
+        self._loads.append(LoadJob(rid, ios))
         self._inflight_loads.add(rid)
 
     # -- per step ------------------------------------------------------------
@@ -179,56 +176,50 @@ class SchedulerSide:
         block_state = out.kv_connector_block_state
         if block_state is None:
             return meta
-        for rid, n in out.num_scheduled_tokens.items():
-            st = self._reqs.get(rid)
-            if st is None or n <= 0:
-                continue
-            ids = block_state.get_block_ids(rid)
-            if ids is None:
-                continue
-            req = st.request
-            end = req.num_computed_tokens + n
-            hashes = req.block_hashes
-            for g in self.layout.groups:
-                if g.kind is not GroupKind.ATTENTION:
-                    continue
-                first = st.next_save[g.group_id]
-                last = min(end // g.block_size, len(ids[g.group_id]))
-                for i in range(first, last):
-                    h = self.layout.block_hash(hashes, g, i)
-                    if h is None:
-                        last = i
-                        break
-                    bid = ids[g.group_id][i]
-                    decode = (i + 1) * g.block_size > req.num_prompt_tokens
-                    if bid and (self.cfg.save_decode or not decode):
-                        parent = self.layout.block_hash(hashes, g, i - 1) if i else None
-                        meta.saves.append(BlockIO(g.group_id, bid, h, parent, g.group_id,
-                                                  decode))
-                st.next_save[g.group_id] = max(first, last)
         # Recurrent states: the exact hand-offs vLLM offers (prefill checkpoints) ...
         for rid, entries in block_state.boundary_state_offloads.items():
             if rid not in gone:
                 for gid, bid, boundary in entries:
                     self._save_state(meta, rid, gid, bid, boundary)
-        # ... and every step that ends exactly on a boundary, decode included: the
-        # running state block (index boundary/block - 1) then holds that boundary's
-        # state until the end of the step. vLLM offers no hand-off for those.
         for rid, n in out.num_scheduled_tokens.items():
             st = self._reqs.get(rid)
-            if st is None or n <= 0 or rid in gone:
+            if st is None or n <= 0:
                 continue
             end = st.request.num_computed_tokens + n
             self._request_checkpoint(st.request, end)
             ids = block_state.get_block_ids(rid)
-            if ids is None:
-                continue
-            for g in self.layout.groups:
-                if g.kind is GroupKind.STATE and end % g.block_size == 0:
-                    idx = end // g.block_size - 1
-                    if idx < len(ids[g.group_id]):
-                        self._save_state(meta, rid, g.group_id, ids[g.group_id][idx], end)
+            if ids is not None:
+                self._plan_step_saves(meta, rid, st, ids, end)
         return meta
+
+    def _plan_step_saves(self, meta: KVTierMetadata, rid: str, st: _ReqState,
+                         ids: tuple[list[int], ...], end: int) -> None:
+        """Blocks this step fills (attention) and the state it ends on, if any."""
+        req = st.request
+        hashes = req.block_hashes
+        for g in self.layout.groups:
+            gids = ids[g.group_id]
+            if g.kind is GroupKind.STATE:
+                # ... and every step that ends exactly on a boundary, decode included:
+                # the running state block (index boundary/block - 1) then holds that
+                # boundary's state until the end of the step. vLLM offers no hand-off.
+                idx = end // g.block_size - 1
+                if end % g.block_size == 0 and idx < len(gids):
+                    self._save_state(meta, rid, g.group_id, gids[idx], end)
+                continue
+            first = st.next_save[g.group_id]
+            last = min(end // g.block_size, len(gids))
+            for i in range(first, last):
+                h = self.layout.block_hash(hashes, g, i)
+                if h is None:
+                    last = i
+                    break
+                decode = (i + 1) * g.block_size > req.num_prompt_tokens
+                if gids[i] and (self.cfg.save_decode or not decode):
+                    parent = self.layout.block_hash(hashes, g, i - 1) if i else None
+                    meta.saves.append(BlockIO(g.group_id, gids[i], h, parent, g.group_id,
+                                              decode))
+            st.next_save[g.group_id] = max(first, last)
 
     def _save_state(self, meta: KVTierMetadata, rid: str, gid: int, bid: int,
                     boundary: int) -> None:

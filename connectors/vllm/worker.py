@@ -18,7 +18,6 @@ import queue
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -33,6 +32,7 @@ from kvtier.config import ConnectorConfig
 from kvtier.kernels import for_device, torch_copy
 from kvtier.kernels.torch_copy import BlockView
 from kvtier.keys import BlockKey
+from kvtier.lookup import GroupKind
 
 log = logging.getLogger("kvtier.connector")
 _STOP = object()
@@ -151,7 +151,7 @@ class WorkerSide:
             self.tier.delete_many(corrupt)
             return False
         for gid, items in by_group.items():
-            rows = torch.frombuffer(bytearray(b"".join(d for _, d in items)), dtype=torch.uint8)
+            rows = torch.frombuffer(bytearray().join(d for _, d in items), dtype=torch.uint8)
             self._kernels.scatter(self.views[gid], [bid for bid, _ in items],
                                   rows.view(len(items), -1))
             self.stats.moved("loaded", len(items), rows.numel())
@@ -175,9 +175,13 @@ class WorkerSide:
         for b in meta.saves:
             by_group[b.group_id].append(b)
         items: list[PutItem] = []
-        for gid, ios in by_group.items():
-            g = self.layout.group(gid)
-            if g.kind.value == "attention":
+        # Parents before children: attention groups first (their blocks in order),
+        # then the states that hang off them.
+        for g in sorted(self.layout.groups, key=lambda g: g.kind is not GroupKind.ATTENTION):
+            gid, ios = g.group_id, by_group.get(g.group_id)
+            if not ios:
+                continue
+            if g.kind is GroupKind.ATTENTION:
                 self.stats.tokens.labels("saved").inc(len(ios) * g.block_size)
             rows = self._kernels.gather(self.views[gid], [b.block_id for b in ios])
             buf = rows.cpu().numpy()
@@ -189,10 +193,6 @@ class WorkerSide:
                 items.append(PutItem(key.encode(),
                                      payload.encode(key, self.digests[gid], buf[i], flags),
                                      parent))
-        # Parents before children: attention blocks in order, then the states on them.
-        order = {gid: i for i, gid in enumerate(g.group_id for g in self.layout.groups
-                                                if g.kind.value == "attention")}
-        items.sort(key=lambda it: 0 if BlockKey.decode(it.key).group in order else 1)
         try:
             self._queue.put_nowait(items)
         except queue.Full:
@@ -230,6 +230,3 @@ class WorkerSide:
         self.tier.close()
         self.upload_tier.close()
 
-
-def describe_views(views: Sequence[BlockView]) -> str:
-    return ", ".join(v.describe() for v in views)

@@ -43,6 +43,15 @@ def row_bytes(views: Sequence[BlockView]) -> int:
     return sum(v.block_nbytes for v in views)
 
 
+def check_rows(views: Sequence[BlockView], n: int, rows: torch.Tensor) -> None:
+    """Staging rows must be ``[n, row_bytes(views)]`` uint8 (what :func:`gather` makes)."""
+    if rows.shape != (n, row_bytes(views)) or rows.dtype != torch.uint8:
+        raise ValueError(
+            f"staging rows {tuple(rows.shape)}/{rows.dtype} do not match "
+            f"{n} blocks of {row_bytes(views)} bytes"
+        )
+
+
 def gather(views: Sequence[BlockView], block_ids: Sequence[int]) -> torch.Tensor:
     """``[len(block_ids), row_bytes(views)]`` uint8 on CPU: the blocks, layer after layer."""
     n = len(block_ids)
@@ -64,11 +73,7 @@ def scatter(views: Sequence[BlockView], block_ids: Sequence[int], rows: torch.Te
     n = len(block_ids)
     if n == 0:
         return
-    if rows.shape != (n, row_bytes(views)) or rows.dtype != torch.uint8:
-        raise ValueError(
-            f"staging rows {tuple(rows.shape)}/{rows.dtype} do not match "
-            f"{n} blocks of {row_bytes(views)} bytes"
-        )
+    check_rows(views, n, rows)
     idx = torch.as_tensor(block_ids, dtype=torch.long, device=views[0].tensor.device)
     col = 0
     for v in views:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtier.kernels.torch_copy import BlockView, row_bytes
+from kvtier.kernels.torch_copy import BlockView, check_rows, row_bytes
 
 TILE = 1024
 
@@ -114,8 +114,7 @@ def scatter(views: Sequence[BlockView], block_ids: Sequence[int], rows: torch.Te
     n = len(block_ids)
     if n == 0:
         return
-    if rows.shape != (n, row_bytes(views)) or rows.dtype != torch.uint8:
-        raise ValueError(f"staging rows {tuple(rows.shape)} do not match {n} blocks")
+    check_rows(views, n, rows)
     dev = views[0].tensor.device
     rows = rows.to(dev).contiguous()
     ids = torch.as_tensor(block_ids, dtype=torch.int64, device=dev)
