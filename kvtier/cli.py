@@ -129,19 +129,9 @@ def stats(url: Url = DEFAULT_URL, as_json: Json = False) -> None:
 
 
 def _manifests(b: Backend) -> dict[str, Any]:
-    from kvtier.keys import is_manifest_key
-    from kvtier.manifest import NamespaceManifest
+    from kvtier.manifest import load_manifests
 
-    keys = [e.key for e in b.scan(b"kvt1:") if is_manifest_key(e.key)]
-    found = {}
-    for v in b.get_many(keys):
-        if v is not None:
-            try:
-                with_m = NamespaceManifest.from_bytes(bytes(v))
-            except ValueError:
-                continue  # a damaged manifest: its namespace shows as model "?"
-            found[with_m.namespace] = with_m
-    return found
+    return load_manifests(b)
 
 
 @app.command("ls")

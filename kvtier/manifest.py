@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from kvtier.lookup import GroupKind, GroupQuery
 
@@ -48,3 +49,22 @@ class NamespaceManifest:
     def group_queries(self) -> list[GroupQuery]:
         return [GroupQuery(g.group_id, GroupKind(g.kind), g.block_size // self.hash_block_size)
                 for g in self.groups]
+
+
+def load_manifests(backend: Any) -> dict[str, NamespaceManifest]:
+    """Every readable namespace manifest a backend holds, by namespace hex.
+
+    A damaged manifest is skipped (its namespace then shows as model "?" in ``ls``).
+    """
+    from kvtier.keys import is_manifest_key
+
+    keys = [e.key for e in backend.scan(b"kvt1:") if is_manifest_key(e.key)]
+    found: dict[str, NamespaceManifest] = {}
+    for v in backend.get_many(keys):
+        if v is not None:
+            try:
+                m = NamespaceManifest.from_bytes(bytes(v))
+            except ValueError:
+                continue
+            found[m.namespace] = m
+    return found
