@@ -29,7 +29,7 @@ from kvtier import payload
 from kvtier.backends.base import PutItem
 from kvtier.backends.guard import GuardedBackend
 from kvtier.config import ConnectorConfig
-from kvtier.kernels import for_device, torch_copy
+from kvtier.kernels import CopyPath, select
 from kvtier.kernels.torch_copy import BlockView
 from kvtier.keys import BlockKey
 from kvtier.lookup import GroupKind
@@ -68,7 +68,7 @@ class WorkerSide:
         self._device_sync = None
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, cfg.save_queue_blocks // 16))
         self._uploader: threading.Thread | None = None
-        self._kernels = torch_copy
+        self._kernels: dict[int, CopyPath] = {}  # per group: Triton or torch
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         for g in self.layout.groups:
@@ -80,9 +80,9 @@ class WorkerSide:
             self.views[g.group_id] = views
             desc = f"g{g.group_id}|" + "|".join(v.describe() for v in views)
             self.digests[g.group_id] = payload.layout_digest(desc)
+            self._kernels[g.group_id] = select(views, label=f"KV-cache group {g.group_id}")
         first = next(iter(kv_caches.values()))
         device = (first[0] if isinstance(first, (list, tuple)) else first).device
-        self._kernels = for_device(device)
         if device.type == "cuda":  # loads scatter from the loader thread: wait for them
             self._device_sync = lambda: torch.cuda.synchronize(device)
         self._uploader = threading.Thread(target=self._upload_loop, name="kvtier-upload",
@@ -152,8 +152,8 @@ class WorkerSide:
             return False
         for gid, items in by_group.items():
             rows = torch.frombuffer(bytearray().join(d for _, d in items), dtype=torch.uint8)
-            self._kernels.scatter(self.views[gid], [bid for bid, _ in items],
-                                  rows.view(len(items), -1))
+            self._kernels[gid].scatter(self.views[gid], [bid for bid, _ in items],
+                                       rows.view(len(items), -1))
             self.stats.moved("loaded", len(items), rows.numel())
         if self._device_sync is not None:
             self._device_sync()
@@ -183,7 +183,7 @@ class WorkerSide:
                 continue
             if g.kind is GroupKind.ATTENTION:
                 self.stats.tokens.labels("saved").inc(len(ios) * g.block_size)
-            rows = self._kernels.gather(self.views[gid], [b.block_id for b in ios])
+            rows = self._kernels[gid].gather(self.views[gid], [b.block_id for b in ios])
             buf = rows.cpu().numpy()
             for i, b in enumerate(ios):
                 key = self._key(gid, b.block_hash)

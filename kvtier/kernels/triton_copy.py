@@ -55,7 +55,7 @@ class _Chunk:
     nbytes: int
 
 
-def _chunks(v: BlockView) -> list[_Chunk]:
+def chunks(v: BlockView) -> list[_Chunk]:
     t = v.tensor
     es = t.element_size()
     inner = t.shape[v.block_dim + 1:]
@@ -88,7 +88,7 @@ def _plan(views: Sequence[BlockView], n: int):
     rb = row_bytes(views)
     col = 0
     for v in views:
-        for c in _chunks(v):
+        for c in chunks(v):
             yield c, col, rb
             col += c.nbytes
 
