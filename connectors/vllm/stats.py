@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger("kvtier.connector")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -35,6 +35,8 @@ class ConnectorStats:
         self.errors = Counter("kvtier_connector_errors", "Errors by kind", ["kind"], registry=r)
         self.latency = Histogram("kvtier_connector_seconds", "Load/save latency", ["op"],
                                  buckets=_LATENCY_BUCKETS, registry=r)
+        self.loads_in_flight = Gauge("kvtier_connector_loads_in_flight",
+                                     "Loads fetching or scattering right now", registry=r)
         self._extra: dict[str, int] = {}
         self._lock = threading.Lock()
 

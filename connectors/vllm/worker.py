@@ -68,6 +68,8 @@ class WorkerSide:
         self._device_sync = None
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, cfg.save_queue_blocks // 16))
         self._uploader: threading.Thread | None = None
+        self._unsent = 0  # blocks queued or uploading: what a shutdown would drop
+        self._unsent_lock = threading.Lock()
         self._kernels: dict[int, CopyPath] = {}  # per group: Triton or torch
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -104,12 +106,15 @@ class WorkerSide:
 
     def _run_load(self, job: LoadJob) -> None:
         t0 = time.perf_counter()
+        self.stats.loads_in_flight.inc()
         try:
             ok = self._load(job)
         except Exception as e:  # noqa: BLE001 - a load failure is a miss, never a crash
             log.warning("kvtier: load of %s failed unexpectedly (%s); recomputing", job.req_id, e)
             self.stats.error("load_exception")
             ok = False
+        finally:
+            self.stats.loads_in_flight.dec()
         self.stats.latency.labels("load").observe(time.perf_counter() - t0)
         with self._results_lock:
             self._finished.add(job.req_id)
@@ -193,9 +198,13 @@ class WorkerSide:
                 items.append(PutItem(key.encode(),
                                      payload.encode(key, self.digests[gid], buf[i], flags),
                                      parent))
+        with self._unsent_lock:
+            self._unsent += len(items)
         try:
             self._queue.put_nowait(items)
         except queue.Full:
+            with self._unsent_lock:
+                self._unsent -= len(items)
             self.stats.error("save_queue_full", len(items))
         self.stats.latency.labels("save_gather").observe(time.perf_counter() - t0)
 
@@ -210,10 +219,14 @@ class WorkerSide:
             self.stats.moved("saved", stored, sum(len(i.value) for i in items[:stored]))
             if stored < len(items):
                 self.stats.error("save_failed", len(items) - stored)
+            with self._unsent_lock:
+                self._unsent -= len(items)
             self._queue.task_done()
 
-    def flush(self, timeout_s: float = 10.0) -> None:
-        """Wait until queued saves are uploaded (used at shutdown and by tests)."""
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """At shutdown: give queued saves ``timeout_s`` to upload. Never between
+        requests (production has no such step); a save a test needs is awaited
+        from outside (``kvtier.testing.waits``). Says how many saves it drops."""
         done = threading.Event()
 
         def waiter() -> None:
@@ -221,7 +234,14 @@ class WorkerSide:
             done.set()
 
         threading.Thread(target=waiter, daemon=True).start()
-        done.wait(timeout_s)
+        if done.wait(timeout_s):
+            return True
+        with self._unsent_lock:
+            dropped = self._unsent
+        log.warning("kvtier: %d queued block saves not uploaded after %.0fs at shutdown; "
+                    "dropping them", dropped, timeout_s)
+        self.stats.error("save_dropped_at_shutdown", dropped)
+        return False
 
     def shutdown(self) -> None:
         self.flush()
