@@ -208,7 +208,8 @@ def _ns_bytes(namespace: str) -> bytes:
 @app.command()
 def inspect(key: Annotated[str, typer.Argument(help="a block key (see `kvtier ls -n NS`)")],
             url: Url = DEFAULT_URL, as_json: Json = False) -> None:
-    """Decode one stored block: its header, and whether its checksum holds."""
+    """Decode one stored block: its header (decode-written or not), and whether its checksum
+    holds."""
     from kvtier import payload
     from kvtier.keys import BlockKey
 
@@ -228,7 +229,9 @@ def inspect(key: Annotated[str, typer.Argument(help="a block key (see `kvtier ls
     try:
         h = payload.read_header(v)
         info.update(format_version=h.version, layout=h.layout.hex(), data_bytes=h.length,
-                    checksum=f"{h.checksum:016x}", key_matches=h.key == k)
+                    checksum=f"{h.checksum:016x}", key_matches=h.key == k,
+                    # Decode-written: restores equivalently, not bit-identically (README).
+                    decode=bool(h.flags & payload.FLAG_DECODE))
         payload.decode(v, k)
         info["valid"] = True
     except payload.PayloadError as e:

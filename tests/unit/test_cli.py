@@ -336,10 +336,27 @@ def test_inspect_valid_block(medium: str, request: pytest.FixtureRequest) -> Non
     assert info["stored_bytes"] == ATTN_DATA + payload.HEADER_SIZE
     assert info["layout"] == payload.layout_digest(fingerprint({"dtype": "bf16"})).hex()
 
+    assert info["decode"] is False, "a prefill-written block"
     state = kvtier("inspect", pop.key("full", 0, 5), "--url", url)
     assert state.code == 0, state.stderr
     for word in ("field", "value", "valid", "True", prompt("full")[1][4].hex()):
         assert word in state.stdout
+
+
+def test_inspect_shows_decode_written_blocks(fresh_tier) -> None:
+    """README: decode-written payloads carry FLAG_DECODE and `kvtier inspect` shows it."""
+    url, pop = fresh_tier
+    key = pop.key("nothing", 0, 1)
+    k = BlockKey.decode(key)
+    layout = payload.layout_digest(fingerprint({"dtype": "bf16"}))
+    with open_backend(url) as b:
+        assert b.put_many([PutItem(key.encode(), payload.encode(
+            k, layout, os.urandom(STATE_DATA), payload.FLAG_DECODE))]) == 1
+    r = kvtier("inspect", key, "--url", url, "--json")
+    assert r.code == 0, r.stderr
+    assert r.json()["decode"] is True and r.json()["valid"] is True
+    human = kvtier("inspect", key, "--url", url)
+    assert human.code == 0 and "decode" in human.stdout and "True" in human.stdout
 
 
 def _corrupt_cases(pop: Populated) -> list[tuple[str, bytes, str]]:
