@@ -107,6 +107,41 @@ def health(url: Url = DEFAULT_URL, as_json: Json = False) -> None:
     raise typer.Exit(0 if h.get("ok") else 1)
 
 
+def _urls(values: list[str]) -> list[str]:
+    return [u for v in values for u in v.replace(",", " ").split()]
+
+
+@app.command()
+def router(
+    prefill: Annotated[list[str], typer.Option(
+        help="prefill vLLM server URL (repeat, or comma-separated)")],
+    decode: Annotated[list[str], typer.Option(
+        help="decode vLLM server URL (repeat, or comma-separated)")],
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
+    health_interval: Annotated[float, typer.Option(help="seconds between /health checks")] = 5.0,
+    prefill_timeout: Annotated[float, typer.Option(help="seconds a prefill may take")] = 300.0,
+    decode_timeout: Annotated[float, typer.Option(
+        help="seconds until decode answers, and between streamed chunks")] = 300.0,
+    affinity_chars: Annotated[int, typer.Option(
+        help="prompt characters that pick a preferred prefill node (0: off)")] = 1024,
+    affinity_slack: Annotated[int, typer.Option(
+        help="extra in-flight requests a preferred prefill node may have")] = 2,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+) -> None:
+    """Run the OpenAI-compatible prefill/decode router (vLLM's PD protocol)."""
+    from kvtier.router import RouterConfig, run
+
+    try:
+        cfg = RouterConfig(prefill=_urls(prefill), decode=_urls(decode),
+                           health_interval_s=health_interval, prefill_timeout_s=prefill_timeout,
+                           decode_timeout_s=decode_timeout, affinity_chars=affinity_chars,
+                           affinity_slack=affinity_slack)
+        run(cfg, host, port, log_level)
+    except (ValueError, OSError) as e:
+        fail(str(e), 2)
+
+
 # -- read-only admin ------------------------------------------------------------------------
 @app.command()
 def stats(url: Url = DEFAULT_URL, as_json: Json = False) -> None:
@@ -271,7 +306,7 @@ def explain(
                 namespace = next(iter(manifests))
             if namespace not in manifests:
                 fail(f"namespace {namespace} has no manifest in this tier (see `kvtier ls`)", 2)
-            report = explain_prompt(b, manifests[namespace], ids)
+            report = explain_prompt(b, manifests[namespace], ids, manifests=manifests)
     except BackendError as e:
         fail(str(e))
     t = Table(title=f"explain: {len(ids)} tokens, namespace {namespace}")
