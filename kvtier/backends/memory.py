@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from kvtier.backends.base import Backend, BackendStats, EntryInfo, PutItem
 from kvtier.backends.eviction import EvictionPolicy, make_policy
+from kvtier.payload import should_replace
 
 
 @dataclass(slots=True)
@@ -38,6 +39,7 @@ class MemoryBackend(Backend):
         self._serials = itertools.count()
         self._lock = threading.Lock()
         self._hits = self._misses = self._puts = self._evictions = self._rejected = 0
+        self._replaced = 0
 
     # -- reads -------------------------------------------------------------
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
@@ -79,7 +81,10 @@ class MemoryBackend(Backend):
                     continue
                 old = self._entries.get(it.key)
                 if old is not None:
-                    # Same key, same meaning: keep the stored copy, just refresh it.
+                    if should_replace(it.key, old.value, it.value):
+                        stored += self._replace(it, old)
+                        continue
+                    # Same key, same meaning (see should_replace): keep it, just refresh it.
                     self._policy.touched(it.key)
                     stored += 1
                     continue
@@ -102,6 +107,36 @@ class MemoryBackend(Backend):
                 self._puts += 1
                 stored += 1
         return stored
+
+    def _replace(self, it: PutItem, e: _Entry) -> int:
+        """Put new bytes into an existing entry (lock held); 1 if done, 0 if no room.
+
+        The entry keeps its identity (serial), children and pin, so links to it
+        stay valid and it is still not evictable while children exist; only its
+        own parent link follows the new item.
+        """
+        parent = it.parent if it.parent in self._entries and it.parent != it.key else None
+        parent_serial = -1
+        if parent is not None:  # link first: making room can never evict it
+            p = self._entries[parent]
+            p.children += 1
+            parent_serial = p.serial
+        grow = len(it.value) - len(e.value)
+        if grow > 0 and not self._make_room(grow, keep=it.key):
+            if parent is not None:
+                self._unlink(parent, parent_serial)
+            if e.children == 0 and not e.pinned:
+                self._policy.leaf(it.key)  # the victim search may have dropped it
+            self._rejected += 1
+            return 0
+        if e.parent is not None:
+            self._unlink(e.parent, e.parent_serial)
+        e.value, e.parent, e.parent_serial = it.value, parent, parent_serial
+        self._used += grow
+        self._policy.touched(it.key)
+        self._puts += 1
+        self._replaced += 1
+        return 1
 
     def delete_many(self, keys: Sequence[bytes]) -> int:
         with self._lock:
@@ -131,7 +166,8 @@ class MemoryBackend(Backend):
                 puts=self._puts,
                 evictions=self._evictions,
                 pinned=sum(1 for e in self._entries.values() if e.pinned),
-                extra={"rejected": self._rejected, "policy": self._policy.name},
+                extra={"rejected": self._rejected, "replaced": self._replaced,
+                       "policy": self._policy.name},
             )
 
     # -- internals (lock held) --------------------------------------------
@@ -139,9 +175,10 @@ class MemoryBackend(Backend):
         e = self._entries.get(key)
         return e is not None and e.children == 0 and not e.pinned
 
-    def _make_room(self, size: int) -> bool:
+    def _make_room(self, size: int, keep: bytes | None = None) -> bool:
+        is_leaf = self._is_leaf if keep is None else (lambda k: k != keep and self._is_leaf(k))
         while self._used + size > self.capacity_bytes:
-            victim = self._policy.victim(self._is_leaf)
+            victim = self._policy.victim(is_leaf)
             if victim is None:
                 return False
             self._remove(victim)

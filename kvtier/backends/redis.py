@@ -30,8 +30,11 @@ Design notes (why it looks like this):
 * The parent link of :class:`PutItem` is not stored: Redis evicts on its own
   and cannot honour it, and :meth:`Backend.lookup` verifies every key a
   boundary needs, so a parent evicted behind our back caps the hit by itself.
-* Writes use ``SET NX`` (the same key always means the same bytes, and NX keeps
-  a pinned key's persistence); with a TTL, ``EXPIRE GT`` refreshes it.
+* Writes use ``SET NX`` (the same key means the same block, and NX keeps a
+  pinned key's persistence); with a TTL, ``EXPIRE GT`` refreshes it. A key NX
+  finds taken is read back and overwritten (``SET XX KEEPTTL``) only if its value
+  must give way (:func:`kvtier.payload.should_replace`: corrupt, foreign, ...):
+  plain commands, so the least-privilege ACL below needs no scripting.
 * The least-privilege ACL for the tier user is :data:`ACL_RULES`
   (``~kvt1:* -@all +@read +@write +@keyspace +@connection -@dangerous +info``,
   plus ``+cluster|slots +cluster|shards`` on a cluster).
@@ -75,6 +78,7 @@ from redis.utils import HIREDIS_AVAILABLE
 
 from kvtier.backends.base import Backend, BackendError, BackendStats, EntryInfo, PutItem
 from kvtier.keys import namespace_prefix
+from kvtier.payload import should_replace
 
 _SCHEMES = {
     "redis": (False, False),
@@ -397,7 +401,7 @@ class RedisBackend(Backend):
         self._ttl = None if self.target.ttl_s is None else max(1, round(self.target.ttl_s))
         self._lock = threading.Lock()
         self._client: redis.Redis | RedisCluster | None = None
-        self._hits = self._misses = self._puts = self._rejected = 0
+        self._hits = self._misses = self._puts = self._rejected = self._replaced = 0
 
     @property
     def ttl_s(self) -> int | None:
@@ -661,15 +665,19 @@ class RedisBackend(Backend):
 
     # -- writes ----------------------------------------------------------------------------
     def put_many(self, items: Sequence[PutItem]) -> int:
-        """SET NX (+EX ttl) per item, one batch per node per ``batch_bytes`` chunk.
+        """SET NX (+EX ttl) per item, one batch per node per ``batch_bytes`` chunk; then
+        the keys NX found taken are read back and replaced where
+        :func:`kvtier.payload.should_replace` says so (corrupt, foreign, ...).
 
+        The read-back costs a round trip and the old bytes, only for keys that were
+        already stored (a re-save, rare: restored blocks are not saved again).
         A write Redis refuses for lack of memory counts as not stored (like the
         memory backend's rejections); any other error raises BackendError.
         """
         if not items:
             return 0
         ttl, limit = self._ttl, self.target.batch_bytes
-        stored = new = rejected = 0
+        counts = {"stored": 0, "new": 0, "rejected": 0, "replaced": 0}
 
         def build(chunk: Sequence[PutItem]) -> Callable[[int], list[_Cmd]]:
             def cmds(i: int) -> list[_Cmd]:
@@ -690,23 +698,46 @@ class RedisBackend(Backend):
                     size += len(items[end].value)
                     end += 1
                 chunk = items[start:end]
-                for rs in self._keyed([it.key for it in chunk], build(chunk)):
-                    r = rs[0]
-                    if isinstance(r, OutOfMemoryError) or (
-                        isinstance(r, Exception) and str(r).startswith("OOM")
-                    ):
-                        rejected += 1
+                taken: list[PutItem] = []
+                for it, rs in zip(chunk, self._keyed([it.key for it in chunk], build(chunk)),
+                                  strict=True):
+                    if _oom(rs[0]):
+                        counts["rejected"] += 1
                         continue
-                    stored += 1
-                    new += _ok(r) is not None  # None: NX found the same block already stored
+                    counts["stored"] += 1
+                    if _ok(rs[0]) is None:  # NX found the key taken
+                        taken.append(it)
+                    else:
+                        counts["new"] += 1
+                if taken:
+                    self._replace_bad(taken, counts)
                 start = end
         except _ERRORS as e:
             raise self._fail("put", e) from e
         finally:
             with self._lock:
-                self._puts += new
-                self._rejected += rejected
-        return stored
+                self._puts += counts["new"] + counts["replaced"]
+                self._rejected += counts["rejected"]
+                self._replaced += counts["replaced"]
+        return counts["stored"]
+
+    def _replace_bad(self, taken: Sequence[PutItem], counts: dict[str, int]) -> None:
+        """Overwrite the taken keys whose stored value must give way (SET XX KEEPTTL:
+        a pinned key stays pinned, an unpinned one keeps its expiry; a key deleted
+        meanwhile stays deleted)."""
+        olds = self._get_many([it.key for it in taken])
+        redo = [it for it, old in zip(taken, olds, strict=True)
+                if old is not None and should_replace(it.key, old, it.value)]
+        if not redo:
+            return
+        replies = self._keyed([it.key for it in redo],
+                              lambda i: [("SET", redo[i].key, redo[i].value, "XX", "KEEPTTL")])
+        for rs in replies:
+            if _oom(rs[0]):
+                counts["rejected"] += 1
+                counts["stored"] -= 1
+            elif _ok(rs[0]) is not None:
+                counts["replaced"] += 1
 
     def delete_many(self, keys: Sequence[bytes]) -> int:
         if not keys:
@@ -782,6 +813,7 @@ class RedisBackend(Backend):
         maxmem = [int(i.get("maxmemory", 0)) for i in infos]
         with self._lock:
             hits, misses, puts, rejected = self._hits, self._misses, self._puts, self._rejected
+            replaced = self._replaced
         return BackendStats(
             backend=self.name,
             entries=keys,
@@ -797,6 +829,7 @@ class RedisBackend(Backend):
                 "nodes": len(infos),
                 "url": self.url,
                 "rejected": rejected,
+                "replaced": replaced,
                 "expires": expires,
                 "expired_keys": sum(int(i.get("expired_keys", 0)) for i in infos),
                 "server_keyspace_hits": sum(int(i.get("keyspace_hits", 0)) for i in infos),
@@ -842,6 +875,12 @@ class RedisBackend(Backend):
 
 
 # -- helpers --------------------------------------------------------------------------------
+
+
+def _oom(r: Any) -> bool:
+    """A pipelined reply that is Redis refusing a write for lack of memory."""
+    return isinstance(r, OutOfMemoryError) or (
+        isinstance(r, Exception) and str(r).startswith("OOM"))
 
 
 def _ok(r: Any) -> Any:

@@ -29,6 +29,7 @@ from kvtier.lookup import GroupKind, GroupQuery, LookupQuery, StopReason, deepes
 from kvtier.proto import tier_pb2 as pb
 from kvtier.proto import tier_pb2_grpc as pb_grpc
 from kvtier.testing.tier_proc import TierProcess, free_port
+from tests.helpers import bad_entries
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = 196_608  # one block of one group in the tiny Qwen3-Next layout
@@ -178,6 +179,20 @@ def test_put_get_round_trip_realistic_payloads(client: GrpcBackend) -> None:
     assert client.put_many(items[:3]) == 3
     assert [bytes(v) for v in client.get_many([it.key for it in items[:3]])] == \
         [it.value for it in items[:3]]
+
+
+@pytest.mark.parametrize("kind", bad_entries.BAD_KINDS)
+def test_save_over_a_bad_entry_replaces_it(client: GrpcBackend, kind: str) -> None:
+    """Through the server process: a bad stored entry gives way to a sound save,
+    and a bad put never displaces the sound entry."""
+    key = bad_entries.block_key()
+    k = key.encode()
+    assert client.put_many([PutItem(k, bad_entries.bad(kind, key))]) == 1
+    fresh = bad_entries.good(key)
+    assert client.put_many([PutItem(k, fresh)]) == 1
+    assert bytes(client.get_many([k])[0]) == fresh
+    client.put_many([PutItem(k, bad_entries.bad("corrupt", key))])
+    assert bytes(client.get_many([k])[0]) == fresh
 
 
 def test_missing_keys_are_none_and_order_is_preserved(client: GrpcBackend) -> None:

@@ -12,6 +12,7 @@ from kvtier.backends import open_backend
 from kvtier.backends.base import BackendError, PutItem
 from kvtier.backends.eviction import POLICIES, LeafFIFO, LeafLRU, make_policy
 from kvtier.backends.memory import MemoryBackend
+from tests.helpers import bad_entries
 
 UNIT = 100  # bytes per value in most tests
 
@@ -107,13 +108,73 @@ def test_oversize_item_rejected_and_counted() -> None:
     assert _keys(b) == {b"full"}
 
 
-def test_reput_existing_key_keeps_it_and_does_not_double_count() -> None:
+def test_reput_of_a_sound_block_keeps_it_and_does_not_double_count() -> None:
+    b = MemoryBackend(1 << 20)
+    key = bad_entries.block_key()
+    first, second = bad_entries.good(key), bad_entries.good(key)  # same key, other bytes
+    b.put_many([PutItem(key.encode(), first)])
+    for again in (first, second, bad_entries.bad("corrupt", key)):
+        assert b.put_many([PutItem(key.encode(), again)]) == 1  # reported as stored
+        assert b.get_many([key.encode()]) == [first]  # same key, same meaning: first kept
+    s = b.stats()
+    assert (s.entries, s.bytes_used, s.puts, s.extra["replaced"]) == (1, len(first), 1, 0)
+
+
+def test_raw_keys_last_writer_wins_without_double_counting() -> None:
     b = MemoryBackend(10 * UNIT)
     b.put_many([PutItem(b"a", _v("first"))])
-    assert b.put_many([PutItem(b"a", _v("second"))]) == 1  # reported as stored
-    assert b.get_many([b"a"]) == [_v("first")]  # same key, same meaning: first copy kept
+    assert b.put_many([PutItem(b"a", _v("second"))]) == 1
+    assert b.get_many([b"a"]) == [_v("second")]  # not a block key: nothing to validate
     s = b.stats()
-    assert (s.entries, s.bytes_used, s.puts) == (1, UNIT, 1)
+    assert (s.entries, s.bytes_used, s.extra["replaced"]) == (1, UNIT, 1)
+
+
+@pytest.mark.parametrize("kind", bad_entries.BAD_KINDS)
+def test_save_over_a_bad_entry_replaces_it(kind: str) -> None:
+    b = MemoryBackend(1 << 20)
+    key = bad_entries.block_key()
+    k = key.encode()
+    assert b.put_many([PutItem(k, bad_entries.bad(kind, key))]) == 1
+    fresh = bad_entries.good(key)
+    assert b.put_many([PutItem(k, fresh)]) == 1
+    assert b.get_many([k]) == [fresh]
+    s = b.stats()
+    assert (s.entries, s.bytes_used, s.extra["replaced"]) == (1, len(fresh), 1)
+
+
+def test_replacing_keeps_parent_links_and_leaf_only_eviction() -> None:
+    """A replaced parent keeps its children (never evicted before them); a replaced
+    child moves its link to the parent the new item names."""
+    attn = [bad_entries.block_key(3, f"a{i}") for i in range(2)]
+    state = bad_entries.block_key(0, "s1")
+    vals = {k: bad_entries.good(k) for k in (*attn, state)}
+    size = len(vals[state])
+    b = MemoryBackend(4 * size)
+    a0, a1, s1 = (k.encode() for k in (*attn, state))
+    b.put_many([PutItem(a0, bad_entries.bad("corrupt", attn[0])),
+                PutItem(a1, vals[attn[1]], a0), PutItem(s1, bad_entries.bad("corrupt", state))])
+    # the good copies: a0 replaced in place, s1 replaced and now hung on a1
+    assert b.put_many([PutItem(a0, vals[attn[0]]), PutItem(s1, vals[state], a1)]) == 2
+    children = {e.key: e.children for e in b.scan()}
+    assert children == {a0: 1, a1: 1, s1: 0}
+    # fill up: only leaves go, children before parents, the replaced ones included
+    for i in range(6):
+        b.put_many([PutItem(f"filler{i}".encode(), _v("f", size))])
+        _assert_invariants(b, {a1: a0, s1: a1})
+    assert b.contains_many([a0, a1, s1]) == [False] * 3  # leaves in turn, children first
+
+
+def test_replacement_that_does_not_fit_keeps_the_old_entry_evictable() -> None:
+    key = bad_entries.block_key()
+    k = key.encode()
+    small = bad_entries.bad("truncated", key)
+    b = MemoryBackend(len(small) + 50)
+    b.put_many([PutItem(k, small)])
+    assert b.put_many([PutItem(k, bad_entries.good(key))]) == 0  # larger than the store
+    assert b.get_many([k]) == [small]
+    assert b.stats().extra["rejected"] == 1
+    assert b.put_many([PutItem(b"other", b"x" * len(small))]) == 1  # the old one was a leaf
+    assert b.contains_many([k]) == [False]
 
 
 def test_reput_refreshes_lru_position() -> None:

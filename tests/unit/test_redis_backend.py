@@ -18,6 +18,7 @@ from kvtier.backends.redis import RedisBackend, parse_redis_url
 from kvtier.keys import BlockKey, Namespace, fingerprint, namespace_prefix
 from kvtier.lookup import GroupKind, GroupQuery, LookupQuery, StopReason
 from kvtier.testing.redis_servers import KVTIER_USER, redis_cluster
+from tests.helpers import bad_entries
 
 pytestmark = pytest.mark.redis
 
@@ -94,6 +95,48 @@ def test_roundtrip_realistic_payloads(redis_target, backend):
     assert st.hits == len(items) and st.misses == 2
     assert st.extra["parser"] == "hiredis"
     assert st.extra["nodes"] == (3 if redis_target.kind.startswith("cluster") else 1)
+
+
+@pytest.mark.parametrize("kind", ["standalone", "cluster"])
+def test_save_over_a_bad_entry_replaces_it(request, kind):
+    """Every bad kind stored behind the tier's back (admin SET) gives way to a sound
+    save; a bad save never displaces a sound entry; re-saving the same is no write."""
+    target = request.getfixturevalue(f"redis_{kind}_target")
+    b = target.backend(timeout_s=5)
+    try:
+        for bad_kind in bad_entries.BAD_KINDS:
+            key = bad_entries.block_key(tag=bad_kind)
+            k = key.encode()
+            target.admin.set(k, bad_entries.bad(bad_kind, key))
+            fresh = bad_entries.good(key)
+            before = b.stats().extra["replaced"]
+            assert b.put_many([PutItem(k, fresh)]) == 1
+            assert b.get_many([k]) == [fresh], bad_kind
+            assert b.stats().extra["replaced"] == before + 1
+            for again in (fresh, bad_entries.bad("corrupt", key), bad_entries.good(key)):
+                assert b.put_many([PutItem(k, again)]) == 1
+                assert b.get_many([k]) == [fresh], bad_kind
+            assert b.stats().extra["replaced"] == before + 1
+    finally:
+        b.close()
+
+
+def test_replacing_keeps_pins_and_expiry(redis_standalone_target):
+    """SET XX KEEPTTL: a pinned (persistent) bad key stays pinned, an unpinned one keeps
+    its TTL."""
+    t = redis_standalone_target
+    b = t.backend(timeout_s=5, ttl_s=600)
+    try:
+        pinned, loose = bad_entries.block_key(tag="pinned"), bad_entries.block_key(tag="loose")
+        t.admin.set(pinned.encode(), bad_entries.bad("corrupt", pinned))
+        t.admin.set(loose.encode(), bad_entries.bad("corrupt", loose), ex=600)
+        goods = {k: bad_entries.good(k) for k in (pinned, loose)}
+        assert b.put_many([PutItem(k.encode(), v) for k, v in goods.items()]) == 2
+        assert b.get_many([pinned.encode(), loose.encode()]) == list(goods.values())
+        assert t.admin.ttl(pinned.encode()) == -1
+        assert 0 < t.admin.ttl(loose.encode()) <= 600
+    finally:
+        b.close()
 
 
 def test_lookup_deepest_restorable_matches_memory_backend(backend):
