@@ -306,7 +306,7 @@ def explain(
                 namespace = next(iter(manifests))
             if namespace not in manifests:
                 fail(f"namespace {namespace} has no manifest in this tier (see `kvtier ls`)", 2)
-            report = explain_prompt(b, manifests[namespace], ids)
+            report = explain_prompt(b, manifests[namespace], ids, manifests=manifests)
     except BackendError as e:
         fail(str(e))
     t = Table(title=f"explain: {len(ids)} tokens, namespace {namespace}")

@@ -8,7 +8,7 @@ sizes, to turn a prompt into keys. Each engine's connector writes it at start-up
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from kvtier.lookup import GroupKind, GroupQuery
@@ -33,6 +33,14 @@ class NamespaceManifest:
     hash_algo: str = "sha256"
     tp_size: int = 1
     tenant_salted: bool = False
+    # How the engines seed vLLM's prefix hash (see kvtier.hashing.HashSeed): source
+    # (PYTHONHASHSEED / default / random), the seed where recording it is harmless,
+    # a digest of NONE_HASH, and the layout fingerprint without the seed. Empty in
+    # manifests written before kvtier recorded them.
+    hash_seed_source: str = ""
+    hash_seed: str | None = None
+    hash_seed_digest: str = ""
+    layout_unseeded: str = ""
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -42,7 +50,8 @@ class NamespaceManifest:
         try:
             d = json.loads(bytes(raw))
             d["groups"] = [GroupInfo(**g) for g in d.get("groups", [])]
-            return cls(**d)
+            known = {f.name for f in fields(cls)}  # fields of a newer kvtier are ignored
+            return cls(**{k: v for k, v in d.items() if k in known})
         except (ValueError, TypeError) as e:
             raise ValueError(f"not a kvtier namespace manifest: {e}") from None
 

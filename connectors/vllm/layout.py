@@ -3,7 +3,9 @@
 The scheduler and the worker each build a :class:`CacheLayout` from the
 ``kv_cache_config`` vLLM hands them (never from ``cache_config``, whose
 block sizes can disagree with the workers'). Its fingerprint is the layout
-part of every key's namespace.
+part of every key's namespace, with the engine's prefix-hash seed (hashed):
+engines seeded differently compute different block hashes, so they must not
+believe they share a key space.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kvtier.hashing import HashSeed, engine_hash_seed
 from kvtier.keys import Namespace, fingerprint
 from kvtier.lookup import GroupKind, GroupQuery
 from kvtier.manifest import GroupInfo, NamespaceManifest
@@ -73,7 +76,9 @@ class CacheLayout:
     fingerprint: str
     model: str
     tp_size: int
-    hash_algo: str = "sha256"
+    hash_algo: str
+    hash_seed: HashSeed
+    unseeded: str  # the fingerprint without the hash seed (tells a seed mismatch apart)
 
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig,
@@ -105,8 +110,9 @@ class CacheLayout:
             "hash_algo": vllm_config.cache_config.prefix_caching_hash_algo,
             "hash_bs": hash_bs,
         }
-        return cls(tuple(groups), sched_bs, hash_bs, fingerprint(desc), model, tp,
-                   str(desc["hash_algo"]))
+        seed = engine_hash_seed(str(desc["hash_algo"]))
+        return cls(tuple(groups), sched_bs, hash_bs, fingerprint({**desc, "seed": seed.digest}),
+                   model, tp, str(desc["hash_algo"]), seed, fingerprint(desc))
 
     def manifest(self, tenant: str = "") -> NamespaceManifest:
         return NamespaceManifest(
@@ -114,7 +120,9 @@ class CacheLayout:
             groups=[GroupInfo(g.group_id, g.kind.value, g.block_size, len(g.layer_names))
                     for g in self.groups],
             boundary_tokens=self.scheduler_block_size, hash_block_size=self.hash_block_size,
-            hash_algo=self.hash_algo, tp_size=self.tp_size, tenant_salted=bool(tenant))
+            hash_algo=self.hash_algo, tp_size=self.tp_size, tenant_salted=bool(tenant),
+            hash_seed_source=self.hash_seed.source, hash_seed=self.hash_seed.seed,
+            hash_seed_digest=self.hash_seed.digest, layout_unseeded=self.unseeded)
 
     def namespace(self, tenant: str = "") -> Namespace:
         return Namespace(self.model, self.fingerprint, tenant)

@@ -106,3 +106,75 @@ def test_block_hash_indexing():
     assert layout.block_hash(hashes, g, 0) == hashes[per - 1]
     assert layout.block_hash(hashes, g, 2) == hashes[3 * per - 1]
     assert layout.block_hash(hashes, g, 3) is None
+
+
+# -- the prefix-hash seed (vLLM 0.32: PYTHONHASHSEED seeds NONE_HASH, sha256 included) --------
+def layout_with_seed(monkeypatch: pytest.MonkeyPatch, seed: str | None,
+                     algo: str = "sha256") -> CacheLayout:
+    if seed is None:
+        monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    else:
+        monkeypatch.setenv("PYTHONHASHSEED", seed)
+    cfg = vllm_config()
+    cfg.cache_config.prefix_caching_hash_algo = algo
+    return CacheLayout.from_vllm(cfg, kv_config(HYBRID))
+
+
+def test_hash_seed_is_part_of_the_namespace(monkeypatch):
+    unset, zero, one = (layout_with_seed(monkeypatch, s) for s in (None, "0", "1"))
+    assert len({x.namespace().id for x in (unset, zero, one)}) == 3
+    assert len({x.fingerprint for x in (unset, zero, one)}) == 3
+    assert unset.unseeded == zero.unseeded == one.unseeded  # only the seed differs
+    assert layout_with_seed(monkeypatch, "1").namespace().id == one.namespace().id
+    # vLLM's default seed for sha256 is a fixed string, so "unset" is reproducible too
+    assert layout_with_seed(monkeypatch, None).namespace().id == unset.namespace().id
+
+
+def engine_none_hash(monkeypatch: pytest.MonkeyPatch) -> bytes:
+    """vLLM's NONE_HASH under this environment (its globals restored after the test)."""
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core import kv_cache_utils as kcu
+
+    for name in ("NONE_HASH", "_NONE_HASH_SEED"):
+        monkeypatch.setattr(kcu, name, getattr(kcu, name, None), raising=False)
+    kcu.init_none_hash(sha256)
+    return bytes(kcu.NONE_HASH)
+
+
+def test_manifest_records_the_seed_without_the_raw_none_hash(monkeypatch):
+    from vllm.v1.core import kv_cache_utils as kcu
+
+    m = layout_with_seed(monkeypatch, "7").manifest()
+    assert (m.hash_seed_source, m.hash_seed) == ("PYTHONHASHSEED", "7")
+    none_hash = engine_none_hash(monkeypatch)
+    assert m.hash_seed_digest and none_hash.hex() not in m.to_bytes().decode()
+    assert m.hash_seed_digest not in none_hash.hex()
+    assert m.layout_unseeded == layout_with_seed(monkeypatch, None).manifest().layout_unseeded
+
+    unset = layout_with_seed(monkeypatch, None).manifest()
+    assert (unset.hash_seed_source, unset.hash_seed) == ("default", kcu.DEFAULT_NONE_HASH_SEED)
+
+
+def test_non_cryptographic_hash_seed_stays_unrecorded(monkeypatch):
+    m = layout_with_seed(monkeypatch, "7", "xxhash").manifest()
+    assert (m.hash_seed_source, m.hash_seed) == ("PYTHONHASHSEED", None)  # must stay secret
+    assert m.hash_seed_digest not in ("", "random")
+    r = layout_with_seed(monkeypatch, None, "xxhash").manifest()
+    assert (r.hash_seed_source, r.hash_seed, r.hash_seed_digest) == ("random", None, "random")
+
+
+def test_prompt_hashes_with_a_recorded_seed_equal_the_engines(monkeypatch):
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core import kv_cache_utils as kcu
+
+    from kvtier.hashing import prompt_block_hashes
+
+    ids = list(range(100))
+    monkeypatch.setenv("PYTHONHASHSEED", "3")
+    engine, parent = [], engine_none_hash(monkeypatch)
+    for s in range(0, 96, 16):
+        parent = kcu.hash_block_tokens(sha256, parent, ids[s:s + 16], None)
+        engine.append(bytes(parent))
+    monkeypatch.setenv("PYTHONHASHSEED", "4")  # the tool's own setting does not matter
+    assert prompt_block_hashes(ids, 16, "sha256", seed="3") == engine
+    assert prompt_block_hashes(ids, 16, "sha256") != engine
