@@ -78,6 +78,8 @@ class StopReason(str, Enum):
     NOTHING_TO_LOOK_UP = "nothing_to_look_up"
     MISSING_ATTENTION = "missing_attention_block"
     MISSING_STATE = "missing_state"
+    # Client side only (never sent by a tier): the tier could not be asked, an outage.
+    TIER_UNAVAILABLE = "tier_unavailable"
 
 
 @dataclass

@@ -52,6 +52,7 @@ class SchedulerSide:
         self.layout = layout
         self.tier = tier
         self.stats = stats
+        stats.watch_tier("scheduler", tier)  # lookups: outages are exported, not misses
         self.ns = layout.namespace(cfg.tenant).id
         self._pending_hits: dict[str, tuple[int, int]] = {}  # req -> (local tokens, ext tokens)
         self._reqs: dict[str, _ReqState] = {}

@@ -56,6 +56,8 @@ class WorkerSide:
         # mark the load path down (or the other way round).
         self.upload_tier = upload_tier
         self.stats = stats
+        stats.watch_tier("load", tier)
+        stats.watch_tier("upload", upload_tier)
         self.rank = rank
         self.num_blocks = num_blocks
         self.ns = layout.namespace(cfg.tenant).id
@@ -129,7 +131,12 @@ class WorkerSide:
             return False
         keys = [self._key(b.group_id, b.block_hash).encode() for b in job.blocks]
         unique = list(dict.fromkeys(keys))
-        fetched = dict(zip(unique, self.tier.get_many(unique)))
+        got = self.tier.get_many(unique)
+        if got is None:  # an outage, not a miss: nothing is known about the blocks
+            self.stats.error("tier_unavailable")
+            log.warning("kvtier: tier unavailable for the load of %s; recomputing", job.req_id)
+            return False
+        fetched = dict(zip(unique, got))
         by_group: dict[int, list[tuple[int, memoryview]]] = defaultdict(list)
         corrupt: list[bytes] = []
         for b, k in zip(job.blocks, keys):
@@ -216,9 +223,12 @@ class WorkerSide:
             t0 = time.perf_counter()
             stored = self.upload_tier.put_many(items)
             self.stats.latency.labels("upload").observe(time.perf_counter() - t0)
-            self.stats.moved("saved", stored, sum(len(i.value) for i in items[:stored]))
-            if stored < len(items):
-                self.stats.error("save_failed", len(items) - stored)
+            if stored is None:  # an outage (the guard logged it), not a refusal
+                self.stats.error("save_tier_unavailable", len(items))
+            else:
+                self.stats.moved("saved", stored, sum(len(i.value) for i in items[:stored]))
+                if stored < len(items):
+                    self.stats.error("save_failed", len(items) - stored)
             with self._unsent_lock:
                 self._unsent -= len(items)
             self._queue.task_done()
