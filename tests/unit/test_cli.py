@@ -25,6 +25,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -869,20 +870,27 @@ def test_bad_url_from_environment() -> None:
 
 # -- bench --------------------------------------------------------------------------------------
 def test_bench_grpc() -> None:
+    """What the bench did, not its own arithmetic: it moved the whole 128K-token hybrid
+    prefix (its size follows from the bench's design: 341 attention pages and 3 states,
+    each a payload), looked it all up, and reported rates that fit in the wall time
+    this test measured (each of 4 contenders fetched the prefix 7 times; a median
+    means at least 4 of them took that long or longer)."""
+    t0 = time.monotonic()
     r = kvtier("bench", "grpc", "--json", timeout=600)
+    wall_s = time.monotonic() - t0
     assert r.code == 0, r.stderr[-3000:]
     g = r.json()["grpc"]
     assert set(g) >= {"prefix_bytes", "blocks", "raw_socket_gbps", "tier_fetch_gbps", "ratio",
                       "grpc_streamed_gbps", "grpc_streamed_ratio", "ratio_goal",
                       "lookup_128k_16tok_ms", "lookup_128k_384tok_ms", "lookup_goal_ms"}
-    assert g["prefix_bytes"] > 64 << 20 and g["blocks"] == 341 + 3
-    for f in ("raw_socket_gbps", "tier_fetch_gbps", "ratio", "grpc_streamed_gbps",
-              "grpc_streamed_ratio"):
-        assert g[f] > 0, (f, g)
-    assert g["ratio"] == pytest.approx(g["tier_fetch_gbps"] / g["raw_socket_gbps"], rel=0.02)
-    assert g["grpc_streamed_ratio"] == pytest.approx(
-        g["grpc_streamed_gbps"] / g["raw_socket_gbps"], rel=0.02)
+    assert g["blocks"] == 341 + 3
+    assert g["prefix_bytes"] == 341 * (196_608 + payload.HEADER_SIZE) + \
+        3 * (134_144 + payload.HEADER_SIZE)
+    rates = [g[f] for f in ("raw_socket_gbps", "tier_fetch_gbps",
+                            "tier_fetch_fresh_buffer_gbps", "grpc_streamed_gbps")]
+    assert all(x > 0 for x in rates), g
+    assert sum(4 * g["prefix_bytes"] / (x * 1e9) for x in rates) < wall_s, (wall_s, g)
     for f in ("lookup_128k_16tok_ms", "lookup_128k_384tok_ms"):
-        assert g[f]["median"] > 0 and g[f]["p99"] >= g[f]["median"]
+        assert 0 < g[f]["median"] <= g[f]["p99"] < wall_s * 1e3
         assert g[f]["boundary"] == 341  # the whole stored prefix is restorable
 

@@ -19,24 +19,30 @@ def hybrid_views(num_blocks: int = 12, seed: int = 0) -> list[BlockView]:
     return [BlockView(attn), BlockView(gdn), BlockView(kv_first, 1)]
 
 
+def block_bytes(v: BlockView, i: int) -> torch.Tensor:
+    """Block ``i`` of one view as bytes, straight from the tensor (no kvtier code)."""
+    return v.tensor.select(v.block_dim, i).contiguous().view(torch.uint8).flatten()
+
+
 def test_gather_rows_are_the_blocks_bytes():
     views = hybrid_views()
-    rows = gather(views, [4, 0, 9])
-    assert rows.shape == (3, row_bytes(views)) and rows.dtype == torch.uint8
-    first = views[0].tensor[0].contiguous().view(torch.uint8).flatten()
-    assert torch.equal(rows[1, : first.numel()], first)
+    ids = [4, 0, 9, 4, 11]  # out of order, repeated, first and last
+    rows = gather(views, ids)
+    assert rows.shape == (len(ids), row_bytes(views)) and rows.dtype == torch.uint8
+    for row, i in zip(rows, ids):  # every row: every view's bytes of its block, in order
+        assert torch.equal(row, torch.cat([block_bytes(v, i) for v in views]))
 
 
 def test_scatter_inverts_gather_into_other_blocks():
     src, dst = hybrid_views(seed=1), hybrid_views(seed=2)
-    untouched = [v.tensor.clone() for v in dst]
-    scatter(dst, [7, 2, 11], gather(src, [1, 5, 3]))
-    for s, d, before in zip(src, dst, untouched):
-        pick = lambda t, i, v=s: t.select(v.block_dim, i)  # noqa: E731
-        assert torch.equal(pick(d.tensor, 7), pick(s.tensor, 1))
-        assert torch.equal(pick(d.tensor, 2), pick(s.tensor, 5))
-        assert torch.equal(pick(d.tensor, 11), pick(s.tensor, 3))
-        assert torch.equal(pick(d.tensor, 0), pick(before, 0))  # other blocks untouched
+    before = [v.tensor.clone() for v in dst]
+    moved = {7: 1, 2: 5, 11: 3, 0: 0}  # destination block -> source block
+    scatter(dst, list(moved), gather(src, list(moved.values())))
+    for s, d, b in zip(src, dst, before):
+        for j in range(d.tensor.shape[d.block_dim]):  # every block of every view
+            expect = s.tensor.select(s.block_dim, moved[j]) if j in moved else \
+                b.select(d.block_dim, j)
+            assert torch.equal(d.tensor.select(d.block_dim, j), expect), (d.describe(), j)
 
 
 def test_scatter_rejects_mismatched_rows():
