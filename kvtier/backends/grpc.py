@@ -5,16 +5,21 @@ preallocated buffer (anonymous memory, see :func:`kvtier.server.bulk.alloc_buffe
 and come back as ``memoryview`` slices of it, not ``bytes``: no per-value copy,
 and :func:`kvtier.payload.decode` takes them as they are. They
 go over the server's raw-TCP bulk port when it advertises one, else over gRPC
-streaming (split across a few concurrent streams for large reads).
+streaming (split across a few concurrent streams for large reads). A bulk read
+that fails on the connection (refused, reset, closed, garbled, timed out) is
+served over gRPC within the same call's deadline, and the bulk port is tried
+again ``bulk_retry_s`` later (``bulk_fallbacks`` counts them, with a warning).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import mmap
 import socket
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
@@ -29,6 +34,7 @@ from kvtier.server import bulk
 from kvtier.server.grpc_server import GRPC_OPTIONS, split_data_chunk
 
 PUT_BATCH_BYTES = 8 << 20
+log = logging.getLogger("kvtier.grpc")
 _KIND = {GroupKind.ATTENTION: pb.ATTENTION, GroupKind.STATE: pb.STATE}
 
 
@@ -39,6 +45,10 @@ CLIENT_OPTIONS = [*GRPC_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 500),
 
 def _identity(b: bytes) -> bytes:
     return b
+
+
+class _BulkFailed(Exception):
+    """The bulk connection failed (not a refusal): gRPC can still serve the read."""
 
 
 def parse_grpc_url(url: str) -> str:
@@ -53,9 +63,12 @@ class GrpcBackend(Backend):
     name = "grpc"
 
     def __init__(self, url: str, timeout_s: float = 2.0, streams: int = 4,
-                 chunk_bytes: int = 1 << 20, bulk: bool = True, reuse_buffer: bool = False):
-        """``timeout_s`` bounds every call (bulk socket reads included): a dead or hung
-        tier costs one timeout and a :class:`BackendError`, never a hang.
+                 chunk_bytes: int = 1 << 20, bulk: bool = True, reuse_buffer: bool = False,
+                 bulk_retry_s: float = 5.0):
+        """``timeout_s`` bounds every call (bulk socket reads and a gRPC fallback
+        included): a dead or hung tier costs one timeout and a :class:`BackendError`,
+        never a hang. A bulk connect may take half of it, so a filtered bulk port still
+        leaves gRPC the other half.
 
         ``reuse_buffer``: keep each thread's bulk-read buffer and land the next read
         in it *if nothing still views the previous one* (checked, so returned views
@@ -79,6 +92,10 @@ class GrpcBackend(Backend):
         self._reuse_buffer = reuse_buffer
         self._bulk_port: int | None = None  # learnt from Health on first bulk read
         self._bulk_local = threading.local()
+        self._bulk_retry_s = bulk_retry_s
+        self._bulk_retry_at = 0.0  # monotonic time before which reads skip the bulk port
+        self._last_fallback_warn = 0.0
+        self.bulk_fallbacks = 0  # bulk reads served over gRPC instead
 
     def _err(self, what: str, e: grpc.RpcError) -> BackendError:
         code = e.code() if hasattr(e, "code") else None
@@ -124,10 +141,10 @@ class GrpcBackend(Backend):
         return LookupResult(r.boundary, StopReason(r.reason), details)
 
     # -- bulk reads ------------------------------------------------------------------
-    def _get_one_stream(self, keys: Sequence[bytes]) -> list[memoryview | None]:
+    def _get_one_stream(self, keys: Sequence[bytes], timeout_s: float) -> list[memoryview | None]:
         try:
             stream = self._get_raw(pb.GetRequest(keys=list(keys), chunk_bytes=self.chunk_bytes),
-                                   timeout=self.timeout_s)
+                                   timeout=timeout_s)
             head = pb.GetChunk.FromString(next(stream))
             sizes = list(head.sizes)
             if len(sizes) != len(keys):
@@ -165,8 +182,11 @@ class GrpcBackend(Backend):
             self._bulk_local.buf = buf
         return buf
 
-    def _bulk_get(self, keys: Sequence[bytes]) -> list[memoryview | None] | None:
-        """Read over the raw-TCP data plane; None if the server has none."""
+    def _bulk_get(self, keys: Sequence[bytes], deadline: float) -> list[memoryview | None] | None:
+        """Read over the raw-TCP data plane; None if the server has none.
+
+        Raises :class:`_BulkFailed` when the connection fails (gRPC may still serve),
+        BackendError when the server refused the request (gRPC would say the same)."""
         if self._bulk_port is None:
             self._bulk_port = int(self.health().get("bulk_port", 0))
         if not self._bulk_port:
@@ -175,10 +195,12 @@ class GrpcBackend(Backend):
         try:
             if sock is None:
                 host = self.target.rsplit(":", 1)[0].strip("[]")
-                sock = socket.create_connection((host, self._bulk_port), timeout=self.timeout_s)
+                sock = socket.create_connection(
+                    (host, self._bulk_port), timeout=max(1e-3, min(
+                        deadline - time.monotonic(), self.timeout_s / 2)))
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self._bulk_local.sock = sock
-            sock.settimeout(self.timeout_s)
+            sock.settimeout(max(1e-3, deadline - time.monotonic()))
             sock.sendall(bulk.encode_request(keys))
             return bulk.read_response(sock, len(keys), alloc=self._buffer)
         except bulk.BulkRefused as e:
@@ -188,22 +210,44 @@ class GrpcBackend(Backend):
             if sock is not None:
                 sock.close()
             self._bulk_port = None  # rediscover (the server may have restarted)
-            raise BackendError(f"bulk read from tier {self.url} failed: {e}") from None
+            raise _BulkFailed(f"bulk read from tier {self.url} failed: "
+                              f"{e or type(e).__name__}") from None
+
+    def _bulk_failed(self, e: _BulkFailed) -> None:
+        """Serve reads over gRPC for ``bulk_retry_s``, then try the bulk port again."""
+        self.bulk_fallbacks += 1
+        self._bulk_retry_at = time.monotonic() + self._bulk_retry_s
+        now = time.monotonic()
+        if now - self._last_fallback_warn > 10:
+            self._last_fallback_warn = now
+            log.warning("%s; falling back to gRPC streaming, bulk port retried in %gs",
+                        e, self._bulk_retry_s)
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:  # type: ignore[override]
         if not keys:
             return []
-        if self._use_bulk:
-            got = self._bulk_get(keys)
-            if got is not None:
-                return got  # type: ignore[return-value]
+        deadline = time.monotonic() + self.timeout_s
+        if self._use_bulk and time.monotonic() >= self._bulk_retry_at:
+            try:
+                got = self._bulk_get(keys, deadline)
+            except _BulkFailed as e:
+                self._bulk_failed(e)
+            else:
+                if got is not None:
+                    return got  # type: ignore[return-value]
+                # No bulk port advertised: ask Health again later, not on every read.
+                self._bulk_retry_at = time.monotonic() + self._bulk_retry_s
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise BackendError(f"get on tier {self.url} failed: no answer within "
+                               f"timeout_s={self.timeout_s}s (bulk port)")
         n = min(self.streams, max(1, len(keys) // 16))
         if n == 1:
-            return self._get_one_stream(keys)  # type: ignore[return-value]
+            return self._get_one_stream(keys, remaining)  # type: ignore[return-value]
         step = -(-len(keys) // n)
         parts = [keys[i:i + step] for i in range(0, len(keys), step)]
         out: list = []
-        for part in self._pool.map(self._get_one_stream, parts):
+        for part in self._pool.map(lambda p: self._get_one_stream(p, remaining), parts):
             out.extend(part)
         return out
 

@@ -18,6 +18,7 @@ Frames (little-endian)::
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import socket
@@ -226,6 +227,7 @@ class BulkServer(socketserver.ThreadingTCPServer):
     def __init__(self, backend: Backend, host: str, port: int, metrics: object | None = None):
         self.backend = backend
         self.metrics = metrics
+        self.listening = True  # False once the listening socket died: Health stops advertising it
         super().__init__((host, port), _Handler)
         self._thread = threading.Thread(target=self.serve_forever, name="kvtier-bulk",
                                         daemon=True)
@@ -233,6 +235,19 @@ class BulkServer(socketserver.ThreadingTCPServer):
     @property
     def port(self) -> int:
         return self.server_address[1]
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        try:
+            return self.socket.accept()
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.EBADF) and self.listening:
+                # The listener is gone (closed or shut down under us): it polls ready
+                # forever, so don't spin on it; clients read over gRPC meanwhile.
+                self.listening = False
+                log.error("bulk listener on port %d died (%s); reads go over gRPC", self.port, e)
+            if not self.listening:
+                time.sleep(0.5)
+            raise
 
     def start(self) -> BulkServer:
         self._thread.start()

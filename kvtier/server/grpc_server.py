@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent import futures
-from typing import overload
+from typing import TYPE_CHECKING, overload
 
 import grpc
 
@@ -26,6 +26,9 @@ from kvtier.keys import NAMESPACE_BYTES, BlockKey, is_manifest_key
 from kvtier.lookup import GroupKind, GroupQuery, LookupQuery
 from kvtier.proto import tier_pb2 as pb
 from kvtier.proto import tier_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from kvtier.server.bulk import BulkServer
 
 log = logging.getLogger("kvtier.server")
 
@@ -163,10 +166,11 @@ def lookup_query(req: pb.LookupRequest) -> LookupQuery:
 
 
 class TierServicer(pb_grpc.TierServicer):
-    def __init__(self, backend: Backend, metrics: object | None = None, bulk_port: int = 0):
+    def __init__(self, backend: Backend, metrics: object | None = None,
+                 bulk: BulkServer | None = None):
         self.backend = backend
         self.metrics = metrics
-        self.bulk_port = bulk_port
+        self.bulk = bulk
         self.started = time.time()
 
     def _guard(self, context: grpc.ServicerContext, method: str, fn):  # noqa: ANN001
@@ -288,7 +292,8 @@ class TierServicer(pb_grpc.TierServicer):
             h = self.backend.health()
             return pb.HealthReply(ok=bool(h.get("ok")), backend=str(h.get("backend", "")),
                                   version=__version__, entries=int(h.get("entries", 0)),
-                                  bulk_port=self.bulk_port)
+                                  bulk_port=self.bulk.port if self.bulk and self.bulk.listening
+                                  else 0)
 
         return self._guard(context, "health", run)
 
@@ -354,7 +359,7 @@ def serve(config: ServerConfig, backend: Backend | None = None) -> tuple[grpc.Se
         from kvtier.server.bulk import BulkServer
 
         bulk = BulkServer(backend, config.host, config.bulk_port, metrics).start()
-    servicer = TierServicer(backend, metrics, bulk.port if bulk else 0)
+    servicer = TierServicer(backend, metrics, bulk)
     server.add_generic_rpc_handlers((method_handlers(servicer),))
     server.start()
     server.kvtier_bulk = bulk  # type: ignore[attr-defined]
