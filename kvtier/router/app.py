@@ -287,7 +287,8 @@ class Router:
                     return error_response(502, f"{b.kind} backend {b.url} failed: {e}", b)
                 return Response(r.content, r.status_code,
                                 media_type=r.headers.get("content-type"))
-        return error_response(503, str(NoBackend("decode", self.decode.backends)))
+        return error_response(503, str(NoBackend("decode", self.decode.backends,
+                                                  self.decode.describe_sources())))
 
 
 def create_app(cfg: RouterConfig) -> FastAPI:
@@ -330,5 +331,6 @@ def run(cfg: RouterConfig, host: str = "127.0.0.1", port: int = 8000,
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health check otherwise
     uvicorn.run(create_app(cfg), host=host, port=port, log_level=log_level,
                 timeout_keep_alive=30)

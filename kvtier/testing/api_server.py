@@ -62,8 +62,10 @@ class ApiServer:
         ``port`` and the namespace's ``host`` then, since a free port is probed here."""
         self.name, self.args, self.launcher = name, args, launcher
         self.host, self.port = host, port or free_port(host)
+        # Dev mode adds /reset_prefix_cache: a test empties the local cache so that a
+        # hit can only come from the tier.
         self.env = {**os.environ, "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0"),
-                    **(env or {})}
+                    "VLLM_SERVER_DEV_MODE": "1", **(env or {})}
         self.log_path = os.path.join(tempfile.mkdtemp(prefix=f"kvtier-{name}-"), f"{name}.log")
         self.proc: subprocess.Popen | None = None
 
@@ -97,6 +99,23 @@ class ApiServer:
             return httpx.get(f"{self.url}/health", timeout=timeout_s).status_code == 200
         except httpx.HTTPError:
             return False
+
+    def tokenize(self, prompt: str) -> list[int]:
+        r = httpx.post(f"{self.url}/tokenize", json={"prompt": prompt}, timeout=30.0)
+        r.raise_for_status()
+        return r.json()["tokens"]
+
+    def reset_prefix_cache(self, timeout_s: float = 30.0) -> None:
+        """Empty the local prefix cache (retried while blocks are still held)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            r = httpx.post(f"{self.url}/reset_prefix_cache", timeout=30.0)
+            r.raise_for_status()
+            if r.json().get("success"):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: prefix cache reset kept failing")
+            time.sleep(0.2)
 
     def metrics(self) -> list[tuple[str, dict[str, str], float]]:
         """``/metrics`` samples as (name, labels, value)."""

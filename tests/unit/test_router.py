@@ -131,3 +131,58 @@ def test_bad_urls_are_refused():
         create_app(RouterConfig(prefill=["localhost:8000"], decode=["http://x"]))
     with pytest.raises(ValueError, match="at least one decode"):
         create_app(RouterConfig(prefill=["http://x"], decode=[]))
+
+
+def test_dns_sources_expand_to_one_backend_per_address():
+    import asyncio
+
+    async def run() -> tuple[list[str], str]:
+        p = Pool("decode", ["dns+http://localhost:8123", "http://10.0.0.9:8000"],
+                 httpx.Timeout(1.0))
+        assert [b.url for b in p.backends] == ["http://10.0.0.9:8000"]
+        await p.discover()
+        urls = [b.url for b in p.backends]
+        gone = Pool("prefill", ["dns+http://no-such-host.invalid:8000"], httpx.Timeout(1.0))
+        await gone.discover()
+        with pytest.raises(NoBackend) as e:
+            gone.require()
+        await p.aclose()
+        return urls, str(e.value)
+
+    urls, msg = asyncio.run(run())
+    assert urls[0] == "http://10.0.0.9:8000" and "http://127.0.0.1:8123" in urls
+    assert msg == ("no prefill backend is up (none found at "
+                   "dns+http://no-such-host.invalid:8000)")
+
+
+def test_k8s_router_manifest_reaches_every_vllm_pod():
+    """deploy/k8s/router.yaml: its args are a valid `kvtier router` command line, and its
+    headless Services select the vLLM pods on their serving port."""
+    from pathlib import Path
+
+    import typer
+
+    from kvtier.cli import app as cli
+
+    yaml = pytest.importorskip("yaml")
+    k8s = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+    docs = [d for f in ("router.yaml", "vllm-prefill.yaml", "vllm-decode.yaml")
+            for d in yaml.safe_load_all((k8s / f).read_text()) if d]
+    deploys = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    (c,) = deploys["kvtier-router"]["spec"]["template"]["spec"]["containers"]
+    assert c["args"][:2] == ["kvtier", "router"]
+    cmd = typer.main.get_command(cli).get_command(None, "router")
+    params = cmd.make_context("router", c["args"][2:]).params
+    assert c["readinessProbe"]["httpGet"]["port"] == params["port"]
+    for role in ("prefill", "decode"):
+        (url,) = params[role]
+        Pool(role, [url], httpx.Timeout(1.0))  # a valid source
+        svc = services[httpx.URL(url.removeprefix("dns+")).host]
+        assert svc["spec"]["clusterIP"] == "None"  # one address per pod
+        pod = deploys[f"vllm-{role}"]["spec"]["template"]
+        assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+        (vllm,) = pod["spec"]["containers"]
+        (port,) = svc["spec"]["ports"]
+        assert port["port"] == httpx.URL(url.removeprefix("dns+")).port
+        assert port["targetPort"] in {p["containerPort"] for p in vllm["ports"]}
