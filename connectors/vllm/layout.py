@@ -10,11 +10,12 @@ believe they share a key space.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kvtier.hashing import HashSeed, engine_hash_seed
+from kvtier.hashing import RANDOM, HashSeed, engine_hash_seed
 from kvtier.keys import Namespace, fingerprint
 from kvtier.lookup import GroupKind, GroupQuery
 from kvtier.manifest import GroupInfo, NamespaceManifest
@@ -22,6 +23,8 @@ from kvtier.manifest import GroupInfo, NamespaceManifest
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
+
+log = logging.getLogger("kvtier.connector")
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,10 @@ class CacheLayout:
             "hash_bs": hash_bs,
         }
         seed = engine_hash_seed(str(desc["hash_algo"]))
+        if seed.source == RANDOM:
+            log.warning("kvtier: vLLM seeds the prefix hash with %s: no other engine can "
+                        "share this one's blocks; set PYTHONHASHSEED the same on every node",
+                        seed.describe())
         return cls(tuple(groups), sched_bs, hash_bs, fingerprint({**desc, "seed": seed.digest}),
                    model, tp, str(desc["hash_algo"]), seed, fingerprint(desc))
 
