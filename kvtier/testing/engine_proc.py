@@ -51,16 +51,18 @@ class EngineProcess:
     """Parent-side handle; ``generate`` returns greedy tokens and the reported hit."""
 
     def __init__(self, kwargs: dict[str, Any], name: str = "engine", log_dir: str | None = None,
-                 start_timeout_s: float = 300.0, launcher: tuple[str, ...] = ()):
+                 start_timeout_s: float = 300.0, launcher: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None):
         """``launcher`` prefixes the command, e.g. ``ip netns exec NODE`` to run the
-        engine on another test host (control goes over a filesystem socket)."""
+        engine on another test host (control goes over a filesystem socket); ``env``
+        overrides the engine's environment (e.g. its own ``PYTHONHASHSEED``)."""
         self.name = name
         self._dir = tempfile.mkdtemp(prefix=f"kvtier-{name}-")
         sock = os.path.join(self._dir, "ctl.sock")
         self.log_path = os.path.join(log_dir or self._dir, f"{name}.log")
         listener = Listener(sock, authkey=AUTHKEY)
         env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-               "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
+               "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0"), **(env or {})}
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
             [*launcher, sys.executable, "-m", "kvtier.testing.engine_proc", sock],
