@@ -129,15 +129,19 @@ def _sound(key: BlockKey, buf: bytes | memoryview) -> PayloadHeader | None:
     return header
 
 
-def should_replace(key: bytes, stored: bytes | memoryview, new: bytes | memoryview) -> bool:
-    """Whether a put of ``new`` under ``key`` must replace the ``stored`` value.
+KEEP, REPLACE, REFUSE = "keep", "replace", "refuse"
+
+
+def put_verdict(key: bytes, stored: bytes | memoryview, new: bytes | memoryview) -> str:
+    """What a put of ``new`` under ``key`` does to the ``stored`` value: KEEP it (the
+    put counts as stored: the tier holds this block), REPLACE it, or REFUSE the put.
 
     One rule for every medium, so a bad entry cannot outlive the saves that
     could heal it (the loader only deletes the blocks it tried):
 
-    - same bytes: keep (nothing to do);
-    - a value that is not a sound payload of ``key`` replaces nothing (nothing
-      stored is lost to a bad writer);
+    - same bytes: keep;
+    - a value that is not a sound payload of ``key`` (header, key, length,
+      checksum) is refused: nothing stored is lost to a bad writer;
     - a stored value that is not a sound payload of ``key`` (corrupt, truncated,
       misfiled, foreign) is replaced;
     - a sound one is replaced only by one of another layout (the writer's layout
@@ -148,15 +152,16 @@ def should_replace(key: bytes, stored: bytes | memoryview, new: bytes | memoryvi
     Cost: a byte comparison, then one xxh3 pass over each value (~5 us per 192 KiB).
     """
     if isinstance(stored, bytes) and isinstance(new, bytes) and stored == new:
-        return False  # memcmp; the checks below would also keep it
+        return KEEP  # memcmp; the checks below would also keep it
     try:
         block = BlockKey.decode(key)
     except ValueError:
-        return True
+        return REPLACE
     incoming = _sound(block, new)
     if incoming is None:
-        return False
+        return REFUSE
     old = _sound(block, stored)
     if old is None or old.layout != incoming.layout:
-        return True
-    return bool(old.flags & FLAG_DECODE) and not incoming.flags & FLAG_DECODE
+        return REPLACE
+    better = bool(old.flags & FLAG_DECODE) and not incoming.flags & FLAG_DECODE
+    return REPLACE if better else KEEP

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from kvtier.backends.base import Backend, BackendStats, EntryInfo, PutItem
 from kvtier.backends.eviction import EvictionPolicy, make_policy
-from kvtier.payload import should_replace
+from kvtier.payload import REFUSE, REPLACE, put_verdict
 
 
 @dataclass(slots=True)
@@ -81,12 +81,14 @@ class MemoryBackend(Backend):
                     continue
                 old = self._entries.get(it.key)
                 if old is not None:
-                    if should_replace(it.key, old.value, it.value):
+                    verdict = put_verdict(it.key, old.value, it.value)
+                    if verdict == REPLACE:
                         stored += self._replace(it, old)
-                        continue
-                    # Same key, same meaning (see should_replace): keep it, just refresh it.
-                    self._policy.touched(it.key)
-                    stored += 1
+                    elif verdict == REFUSE:
+                        self._rejected += 1
+                    else:  # same key, same meaning: keep it, just refresh it
+                        self._policy.touched(it.key)
+                        stored += 1
                     continue
                 # Link to the parent first so making room can never evict it.
                 parent = it.parent if it.parent in self._entries else None

@@ -33,7 +33,7 @@ Design notes (why it looks like this):
 * Writes use ``SET NX`` (the same key means the same block, and NX keeps a
   pinned key's persistence); with a TTL, ``EXPIRE GT`` refreshes it. A key NX
   finds taken is read back and overwritten (``SET XX KEEPTTL``) only if its value
-  must give way (:func:`kvtier.payload.should_replace`: corrupt, foreign, ...):
+  must give way (:func:`kvtier.payload.put_verdict`: corrupt, foreign, ...):
   plain commands, so the least-privilege ACL below needs no scripting.
 * The least-privilege ACL for the tier user is :data:`ACL_RULES`
   (``~kvt1:* -@all +@read +@write +@keyspace +@connection -@dangerous +info``,
@@ -78,7 +78,7 @@ from redis.utils import HIREDIS_AVAILABLE
 
 from kvtier.backends.base import Backend, BackendError, BackendStats, EntryInfo, PutItem
 from kvtier.keys import namespace_prefix
-from kvtier.payload import should_replace
+from kvtier.payload import KEEP, REFUSE, REPLACE, put_verdict
 
 _SCHEMES = {
     "redis": (False, False),
@@ -667,7 +667,7 @@ class RedisBackend(Backend):
     def put_many(self, items: Sequence[PutItem]) -> int:
         """SET NX (+EX ttl) per item, one batch per node per ``batch_bytes`` chunk; then
         the keys NX found taken are read back and replaced where
-        :func:`kvtier.payload.should_replace` says so (corrupt, foreign, ...).
+        :func:`kvtier.payload.put_verdict` says so (corrupt, foreign, ...).
 
         The read-back costs a round trip and the old bytes, only for keys that were
         already stored (a re-save, rare: restored blocks are not saved again).
@@ -725,9 +725,14 @@ class RedisBackend(Backend):
         """Overwrite the taken keys whose stored value must give way (SET XX KEEPTTL:
         a pinned key stays pinned, an unpinned one keeps its expiry; a key deleted
         meanwhile stays deleted)."""
-        olds = self._get_many([it.key for it in taken])
-        redo = [it for it, old in zip(taken, olds, strict=True)
-                if old is not None and should_replace(it.key, old, it.value)]
+        redo: list[PutItem] = []
+        for it, old in zip(taken, self._get_many([it.key for it in taken]), strict=True):
+            verdict = KEEP if old is None else put_verdict(it.key, old, it.value)
+            if verdict == REPLACE:
+                redo.append(it)
+            elif verdict == REFUSE:
+                counts["rejected"] += 1
+                counts["stored"] -= 1
         if not redo:
             return
         replies = self._keyed([it.key for it in redo],

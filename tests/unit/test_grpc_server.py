@@ -191,7 +191,7 @@ def test_save_over_a_bad_entry_replaces_it(client: GrpcBackend, kind: str) -> No
     fresh = bad_entries.good(key)
     assert client.put_many([PutItem(k, fresh)]) == 1
     assert bytes(client.get_many([k])[0]) == fresh
-    client.put_many([PutItem(k, bad_entries.bad("corrupt", key))])
+    assert client.put_many([PutItem(k, bad_entries.bad("corrupt", key))]) == 0  # refused
     assert bytes(client.get_many([k])[0]) == fresh
 
 

@@ -113,11 +113,15 @@ def test_reput_of_a_sound_block_keeps_it_and_does_not_double_count() -> None:
     key = bad_entries.block_key()
     first, second = bad_entries.good(key), bad_entries.good(key)  # same key, other bytes
     b.put_many([PutItem(key.encode(), first)])
-    for again in (first, second, bad_entries.bad("corrupt", key)):
+    for again in (first, second):
         assert b.put_many([PutItem(key.encode(), again)]) == 1  # reported as stored
         assert b.get_many([key.encode()]) == [first]  # same key, same meaning: first kept
+    # a bad value is refused, never stored over a sound one
+    assert b.put_many([PutItem(key.encode(), bad_entries.bad("corrupt", key))]) == 0
+    assert b.get_many([key.encode()]) == [first]
     s = b.stats()
     assert (s.entries, s.bytes_used, s.puts, s.extra["replaced"]) == (1, len(first), 1, 0)
+    assert s.extra["rejected"] == 1
 
 
 def test_raw_keys_last_writer_wins_without_double_counting() -> None:

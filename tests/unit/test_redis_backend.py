@@ -113,8 +113,9 @@ def test_save_over_a_bad_entry_replaces_it(request, kind):
             assert b.put_many([PutItem(k, fresh)]) == 1
             assert b.get_many([k]) == [fresh], bad_kind
             assert b.stats().extra["replaced"] == before + 1
-            for again in (fresh, bad_entries.bad("corrupt", key), bad_entries.good(key)):
-                assert b.put_many([PutItem(k, again)]) == 1
+            for again, stored in ((fresh, 1), (bad_entries.bad("corrupt", key), 0),
+                                  (bad_entries.good(key), 1)):
+                assert b.put_many([PutItem(k, again)]) == stored  # the bad one refused
                 assert b.get_many([k]) == [fresh], bad_kind
             assert b.stats().extra["replaced"] == before + 1
     finally:
