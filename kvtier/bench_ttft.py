@@ -5,7 +5,8 @@ random-weight hybrid model, starts a tier server and three engines in their own
 processes (cold: no connector; node A: saves; node B: restores), and times an
 ~8K-token prompt with one output token:
 - cold prefill on the cold engine (the reference);
-- node B restoring the prefix node A saved (its local prefix cache emptied);
+- node B restoring the prefix node A saved (its local prefix cache emptied),
+  once the tier holds it (waited for from outside, as a client would);
 - node B again with its local prefix cache warm (vLLM's own best case).
 """
 
@@ -16,9 +17,12 @@ import sys
 import time
 from typing import Any
 
+from kvtier.backends import open_backend
+from kvtier.manifest import load_manifests
 from kvtier.testing.engine_proc import EngineProcess, engine_kwargs
 from kvtier.testing.tier_proc import TierProcess
 from kvtier.testing.tiny_model import build_model, make_prompt_token_ids
+from kvtier.testing.waits import wait_restorable
 
 PROMPT_TOKENS = 8192
 REPEATS = 3
@@ -28,6 +32,13 @@ def _ttft(engine: EngineProcess, prompt: list[int], reset: bool) -> tuple[float,
     t0 = time.perf_counter()
     out = engine.generate(prompt, max_tokens=1, reset_local_cache=reset)
     return time.perf_counter() - t0, out.num_cached_tokens
+
+
+def _deepest_boundary(url: str, n_tokens: int) -> int:
+    """What an engine may restore of an ``n_tokens`` prompt, in the tier's boundaries."""
+    with open_backend(url) as b:
+        (m,) = load_manifests(b).values()
+    return (n_tokens - 1) // m.boundary_tokens * m.boundary_tokens
 
 
 def run_ttft_bench(console: Any = None, prompt_tokens: int = PROMPT_TOKENS) -> dict[str, Any]:
@@ -48,6 +59,7 @@ def run_ttft_bench(console: Any = None, prompt_tokens: int = PROMPT_TOKENS) -> d
                 p = make_prompt_token_ids(prompt_tokens, 1000 + i, 4096)
                 cold.append(_ttft(engines["cold"], p, reset=True)[0])
                 engines["a"].generate(p, max_tokens=1)
+                wait_restorable(tier.url, p, _deepest_boundary(tier.url, len(p)), timeout_s=120)
                 t, cached = _ttft(engines["b"], p, reset=True)
                 hit.append(t)
                 local.append(_ttft(engines["b"], p, reset=False)[0])

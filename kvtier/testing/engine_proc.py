@@ -4,7 +4,9 @@ Tests and benchmarks need several independent engines ("node A", "node B",
 a cold reference) that share nothing but the tier. Each runs here in a
 separate Python process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps the
 scheduler and worker in it, so connector counters can be read back), and the
-parent sends it small commands over ``multiprocessing.connection``.
+parent sends it small commands over ``multiprocessing.connection``. Nothing here
+flushes the connector's background uploads: as in production, a save lands when
+it lands, and a test that needs it waits for the tier (``kvtier.testing.waits``).
 """
 
 from __future__ import annotations
@@ -123,11 +125,13 @@ class EngineProcess:
         return [Generation(o["token_ids"], o["num_cached_tokens"]) for o in outs]
 
     def engine_stats(self) -> dict[str, int]:
-        """vLLM scheduler counters the tests care about (preemptions so far)."""
+        """vLLM scheduler facts the tests care about: preemptions so far, the number of
+        KV blocks and their size in tokens (vLLM sizes hybrid blocks itself)."""
         return self._call("engine_stats")
 
     def connector_stats(self) -> dict[str, int]:
-        """Scheduler + worker connector counters (after uploads drain)."""
+        """Scheduler + worker connector counters, as they are now: uploads run in the
+        background, so save counters may still grow (wait with ``waits.wait_until``)."""
         return self._call("stats")
 
     def close(self) -> None:
@@ -172,7 +176,6 @@ def _child(sock: str) -> None:
                                     ignore_eos=True)
                 outs = llm.generate([{"prompt_token_ids": p} for p in arg["prompts"]], sp,
                                     use_tqdm=False)
-                _flush_saves()
                 conn.send((True, [{"token_ids": list(o.outputs[0].token_ids),
                                    "num_cached_tokens": int(o.num_cached_tokens or 0)}
                                   for o in outs]))
@@ -194,12 +197,6 @@ def _worker_connector() -> Any:
     return get_kv_transfer_group() if has_kv_transfer_group() else None
 
 
-def _flush_saves() -> None:
-    c = _worker_connector()
-    if c is not None and getattr(c, "_worker", None) is not None:
-        c._worker.flush()
-
-
 def _count_preemptions(llm: Any) -> None:
     """Instrument (not replace) the scheduler's preemption, so tests can see it happened."""
     sched = llm.llm_engine.engine_core.engine_core.scheduler
@@ -216,7 +213,8 @@ def _count_preemptions(llm: Any) -> None:
 def _engine_stats(llm: Any) -> dict[str, int]:
     sched = llm.llm_engine.engine_core.engine_core.scheduler
     reqs = getattr(sched, "_kvtier_preemptions", 0)
-    out = {"preemptions": int(reqs), "num_blocks": int(sched.kv_cache_config.num_blocks)}
+    out = {"preemptions": int(reqs), "num_blocks": int(sched.kv_cache_config.num_blocks),
+           "block_size": int(sched.cache_config.block_size)}
     try:
         from kvtier.connectors.vllm.stats import ConnectorStats
 
@@ -227,7 +225,6 @@ def _engine_stats(llm: Any) -> dict[str, int]:
 
 
 def _connector_stats(llm: Any) -> dict[str, int]:
-    _flush_saves()
     stats: dict[str, int] = {}
     w = _worker_connector()
     if w is not None:

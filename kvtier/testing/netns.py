@@ -23,8 +23,9 @@ def available() -> str | None:
     """None if namespaces can be made here, else why not."""
     if os.geteuid() != 0:
         return "network namespaces need root"
-    if shutil.which("ip") is None:
-        return "iproute2 (`ip`) is not installed (apt-get install -y iproute2)"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"iproute2 (`{tool}`) is not installed (apt-get install -y iproute2)"
     return None
 
 
@@ -51,6 +52,23 @@ class Cluster:
         """Cut or restore ``node``'s network (its cable, as it were)."""
         _ip("netns", "exec", self.namespaces[node], "ip", "link", "set", "eth0",
             "up" if up else "down")
+
+    def sysctl(self, node: str, name: str, value: str) -> None:
+        """Set a per-namespace sysctl on ``node`` (e.g. its TCP buffer sizes)."""
+        subprocess.run([*self.launcher(node), "sysctl", "-q", "-w", f"{name}={value}"],
+                       check=True, capture_output=True, text=True)
+
+    @contextlib.contextmanager
+    def slow_uplink(self, node: str, rate: str) -> Iterator[None]:
+        """Cap what ``node`` sends (``tc tbf``, e.g. ``rate="4mbit"``) while inside: a
+        tier whose reads take seconds. (tbf, not netem: netem is not in every kernel.)"""
+        tc = [*self.launcher(node), "tc", "qdisc"]
+        subprocess.run([*tc, "add", "dev", "eth0", "root", "tbf", "rate", rate,
+                        "burst", "16kb", "latency", "1s"], check=True, capture_output=True)
+        try:
+            yield
+        finally:
+            subprocess.run([*tc, "del", "dev", "eth0", "root"], capture_output=True)
 
 
 @contextlib.contextmanager

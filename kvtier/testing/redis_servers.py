@@ -431,6 +431,15 @@ class RedisClusterServers:
         for n in self.nodes:
             n.stop()
 
+    def restart(self, timeout_s: float = 30.0) -> RedisClusterServers:
+        """Every node stopped and started again on its address, and the cluster
+        formed anew: it comes back empty (new node ids, same slots layout)."""
+        self.stop()
+        for n in self.nodes:
+            n.start()
+        _form_cluster(self.nodes, timeout_s)
+        return self
+
     def node_clients(self) -> list:
         return [n.client() for n in self.nodes]
 
@@ -489,37 +498,42 @@ def start_cluster(
                 cluster=True,
             )
             nodes.append(srv.start())
-        cmd = [
-            _redis_cli(),
-            *nodes[0].cli_args()[4:],  # auth/TLS flags only; addresses follow
-            "--cluster",
-            "create",
-            *(n.address for n in nodes),
-            "--cluster-replicas",
-            "0",
-            "--cluster-yes",
-        ]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-        if res.returncode != 0:
-            raise RuntimeError(f"redis-cli --cluster create failed: {res.stdout} {res.stderr}")
-        deadline = time.monotonic() + timeout_s
-        while True:
-            states = []
-            for n in nodes:
-                with n.client() as c:
-                    info = c.execute_command("CLUSTER", "INFO")
-                    text = info.decode() if isinstance(info, bytes) else str(info)
-                    states.append("cluster_state:ok" in text)
-            if all(states):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError("cluster did not reach cluster_state:ok")
-            time.sleep(0.1)
+        _form_cluster(nodes, timeout_s)
         return RedisClusterServers(nodes)
     except BaseException:
         for n in nodes:
             n.stop()
         raise
+
+
+def _form_cluster(nodes: Sequence[RedisServer], timeout_s: float) -> None:
+    """``redis-cli --cluster create`` over fresh nodes; waits for ``cluster_state:ok``."""
+    cmd = [
+        _redis_cli(),
+        *nodes[0].cli_args()[4:],  # auth/TLS flags only; addresses follow
+        "--cluster",
+        "create",
+        *(n.address for n in nodes),
+        "--cluster-replicas",
+        "0",
+        "--cluster-yes",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    if res.returncode != 0:
+        raise RuntimeError(f"redis-cli --cluster create failed: {res.stdout} {res.stderr}")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = []
+        for n in nodes:
+            with n.client() as c:
+                info = c.execute_command("CLUSTER", "INFO")
+                text = info.decode() if isinstance(info, bytes) else str(info)
+                states.append("cluster_state:ok" in text)
+        if all(states):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError("cluster did not reach cluster_state:ok")
+        time.sleep(0.1)
 
 
 @contextlib.contextmanager

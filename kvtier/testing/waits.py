@@ -9,16 +9,42 @@ until the expected boundary is restorable, with a deadline that fails the test
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import Any
+import urllib.request
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from kvtier.backends import open_backend
 from kvtier.explain import explain_prompt
 from kvtier.manifest import load_manifests
 
+T = TypeVar("T")
+
 
 class TierWaitTimeout(AssertionError):
     """The tier did not reach the expected state before the deadline."""
+
+
+def wait_until(fn: Callable[[], T], timeout_s: float, what: str, poll_s: float = 0.05) -> T:
+    """Poll ``fn`` until it returns something truthy (returned); on the deadline fail
+    with ``what`` and the last value seen, instead of passing on a timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TierWaitTimeout(f"not true after {timeout_s:.0f}s: {what} (last: {value!r})")
+        time.sleep(poll_s)
+
+
+def scrape_metrics(port: int, host: str = "127.0.0.1") -> dict[tuple[str, tuple], float]:
+    """A Prometheus endpoint's samples as ``{(name, sorted labels): value}``: what an
+    outside observer sees of an engine that may be busy generating."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
 def wait_restorable(url: str, token_ids: Sequence[int], tokens: int, timeout_s: float = 30.0,
