@@ -139,7 +139,7 @@ class Router:
                     ) -> tuple[Backend, httpx.Response]:
         """Send to a live backend and return its open (streaming) response; the backend's
         ``outstanding`` stays counted until the caller releases it. An unreachable
-        backend is marked down and the next one tried (nothing reached it)."""
+        backend is marked down and the next one tried."""
         tried: set[Backend] = set()
         while True:
             b = pool.pick(key, frozenset(tried))
@@ -151,9 +151,11 @@ class Router:
                     "POST", path, json=body, headers=headers,
                     timeout=httpx.Timeout(timeout_s, connect=self.cfg.connect_timeout_s))
                 resp = await b.client.send(req, stream=True)
-            except httpx.ConnectError as e:
+            except (httpx.ConnectError, httpx.RemoteProtocolError) as e:
+                # Refused, or a pooled connection the (dead) server had closed: it got no
+                # request to answer, so another backend may take it.
                 self._release(b)
-                b.mark_down(f"unreachable: {e}")
+                b.mark_down(f"unreachable: {type(e).__name__}: {e}")
                 self.metrics.up.labels(b.kind, b.url).set(0)
                 self.metrics.backend_requests.labels(b.kind, b.url, "unreachable").inc()
                 continue
