@@ -16,6 +16,7 @@ step, while the request still owns the blocks, so nothing needs pinning.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger("kvtier.connector")
+_MANIFEST_CHECK_S = 5.0
 
 
 @dataclass
@@ -58,16 +60,25 @@ class SchedulerSide:
         self._reqs: dict[str, _ReqState] = {}
         self._loads: list[LoadJob] = []
         self._manifest_written = False
+        self._manifest_check_at = 0.0
         self._inflight_loads: set[str] = set()
         self._failed_loads: set[str] = set()
 
     def _write_manifest(self) -> None:
-        """Best effort, once the tier answers: lets admin tools decode this namespace."""
-        if self._manifest_written or not self.tier.available:
+        """Best effort, once the tier answers and again whenever it lost the manifest
+        (a restarted store comes back empty; checked every ``_MANIFEST_CHECK_S``): lets
+        admin tools and waiting clients decode this namespace."""
+        now = time.monotonic()
+        if now < self._manifest_check_at or not self.tier.available:
+            return
+        self._manifest_check_at = now + _MANIFEST_CHECK_S
+        key = manifest_key(self.ns)
+        if self._manifest_written and self.tier.contains_many([key]) == [True]:
             return
         m = self.layout.manifest(self.cfg.tenant)
-        self._manifest_written = bool(
-            self.tier.put_many([PutItem(manifest_key(self.ns), m.to_bytes())]))
+        self._manifest_written = bool(self.tier.put_many([PutItem(key, m.to_bytes())]))
+        if not self._manifest_written:
+            self._manifest_check_at = 0.0  # try again on the next lookup
 
     # -- admission -----------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed: int) -> tuple[int, bool]:
