@@ -93,6 +93,13 @@ class ConnectorConfig(_Strict):
         "boundaries, so prompts that share only part of a prefix can hit; 0 keeps vLLM's own "
         "checkpoints only (in practice the last boundary of each prompt)",
     )
+    handoff_wait_s: float = Field(
+        1.0, ge=0, le=600,
+        description="a PD decode request whose params announce a hand-off waits this long for "
+        "the prefill's upload to land in the tier, then falls back to the prefix cache "
+        "(keep it well under a cold prefill of your prompts)")
+    handoff_poll_s: float = Field(0.01, gt=0, le=10,
+                                  description="how often a waiting decode request asks the tier")
     metrics_port: int | None = Field(None, ge=0, le=65535)
     model_id: str | None = Field(None, description="override the model identity in the namespace")
 

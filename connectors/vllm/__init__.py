@@ -80,7 +80,8 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
             return
         tier = GuardedBackend(self.cfg.tier_url, self.cfg.timeout_s, self.cfg.retry_after_s)
         if role == KVConnectorRole.SCHEDULER:
-            self._sched = SchedulerSide(self.cfg, self.layout, tier, self.stats)
+            self._sched = SchedulerSide(self.cfg, self.layout, tier, self.stats,
+                                        self._kv_transfer_config.kv_role)
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
@@ -154,6 +155,10 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
             self._worker.shutdown()
 
     # -- scheduler side ------------------------------------------------------
+    def on_new_request(self, request: Request) -> None:
+        if self._sched is not None:
+            self._sched.on_new_request(request)
+
     def get_num_new_matched_tokens(self, request: Request,
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
         if self._sched is None:

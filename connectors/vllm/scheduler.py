@@ -20,14 +20,16 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kvtier.connectors.vllm.layout import CacheLayout
+from kvtier.connectors.vllm import handoff
+from kvtier.connectors.vllm.handoff import HandoffWait
+from kvtier.connectors.vllm.layout import CacheLayout, GroupLayout
 from kvtier.connectors.vllm.metadata import BlockIO, KVTierMetadata, LoadJob
 from kvtier.connectors.vllm.stats import ConnectorStats
 
 from kvtier.backends.base import PutItem
 from kvtier.backends.guard import GuardedBackend
 from kvtier.config import ConnectorConfig
-from kvtier.keys import manifest_key
+from kvtier.keys import BlockKey, manifest_key
 from kvtier.lookup import GroupKind, LookupQuery
 
 if TYPE_CHECKING:
@@ -49,8 +51,11 @@ class _ReqState:
 
 class SchedulerSide:
     def __init__(self, cfg: ConnectorConfig, layout: CacheLayout, tier: GuardedBackend,
-                 stats: ConnectorStats):
+                 stats: ConnectorStats, kv_role: str | None = "kv_both"):
         self.cfg = cfg
+        # kv_consumer (a PD decode node) saves only what its own decode produces.
+        self.save_prompt = cfg.save and kv_role != "kv_consumer"
+        self.save_decoded = cfg.save and cfg.save_decode
         self.layout = layout
         self.tier = tier
         self.stats = stats
@@ -63,6 +68,8 @@ class SchedulerSide:
         self._manifest_check_at = 0.0
         self._inflight_loads: set[str] = set()
         self._failed_loads: set[str] = set()
+        self._waits: dict[str, HandoffWait] = {}  # decode requests expecting a hand-off
+        self._handoffs: dict[str, tuple[int, bytes]] = {}  # prefill req -> (tokens, id) saved
 
     def _write_manifest(self) -> None:
         """Best effort, once the tier answers and again whenever it lost the manifest
@@ -81,10 +88,88 @@ class SchedulerSide:
             self._manifest_check_at = 0.0  # try again on the next lookup
 
     # -- admission -----------------------------------------------------------
-    def get_num_new_matched_tokens(self, request: Request, num_computed: int) -> tuple[int, bool]:
+    def on_new_request(self, request: Request) -> None:
+        """A PD prefill stops one token short, like vLLM's NixlConnector: the decode
+        node needs the recurrent state at ``N - 1`` to compute the last token itself."""
+        params = request.kv_transfer_params
+        if (not handoff.is_prefill_request(params) or not self.save_prompt
+                or params.get("_kvtier_truncated") or request.num_prompt_tokens < 2
+                or request.prompt_token_ids is None
+                or getattr(request, "skip_reading_prefix_cache", False)):
+            return
+        del request.prompt_token_ids[-1:]
+        del request._all_token_ids[-1:]
+        request.num_prompt_tokens -= 1
+        del request.block_hashes[request.num_prompt_tokens // self.layout.hash_block_size:]
+        request.max_tokens = 1
+        params["_kvtier_truncated"] = True
+
+    def get_num_new_matched_tokens(self, request: Request,
+                                   num_computed: int) -> tuple[int | None, bool]:
+        ext = self._match_handoff(request, num_computed)
+        if ext is None:
+            return None, False  # hand-off announced but not in the tier yet: ask again
+        if ext:
+            return ext, True
         ext, load_async = self._match(request, num_computed)
         self._request_checkpoint(request, num_computed + ext)
         return ext, load_async
+
+    def _match_handoff(self, request: Request, num_computed: int) -> int | None:
+        """Tokens of an announced PD hand-off to load, None to wait for its upload,
+        0 when there is none (or it did not arrive in time: the prefix lookup decides)."""
+        rid = request.request_id
+        w = self._waits.get(rid)
+        if w is None:
+            if not self.cfg.load or rid in self._failed_loads:
+                return 0
+            tokens = handoff.expected_tokens(request.kv_transfer_params,
+                                             request.num_prompt_tokens)
+            if tokens is None:
+                return 0
+            w = self._waits[rid] = HandoffWait.start(tokens, self.cfg.handoff_wait_s)
+        if w.done or w.tokens <= num_computed:
+            return 0
+        if not w.should_poll(self.cfg.handoff_poll_s):
+            return None
+        plan = self._restore_plan(request, num_computed, w.tokens)
+        keys = [BlockKey(self.ns, 0, g.group_id, h).encode() for g, _, h in plan if h]
+        if len(keys) == len(plan) and all(self.tier.contains_many(keys)):
+            w.done = True
+            ext = w.tokens - num_computed
+            self._pending_hits[rid] = (num_computed, ext)
+            self.stats.lookup(True, "handoff", ext)
+            return ext
+        if not self.tier.available or w.expired:
+            w.done = True
+            self.stats.error("handoff_unavailable" if not self.tier.available
+                             else "handoff_timeout")
+            log.warning("kvtier: hand-off of %d tokens for %s %s; falling back to the prefix "
+                        "cache", w.tokens, rid,
+                        "unreachable (tier down)" if not self.tier.available else
+                        f"not in the tier after {self.cfg.handoff_wait_s:.1f}s")
+            return 0
+        return None
+
+    def _restore_plan(self, request: Request, start: int, end: int
+                      ) -> list[tuple[GroupLayout, int, bytes | None]]:
+        """(group, block index, stored hash) of every block that restores tokens
+        ``[start, end)``: attention blocks from ``start`` and each state group's block at
+        ``end``. Past the last full block the hash is the hand-off tail's content key."""
+        hashes = request.block_hashes
+        tail = (handoff.tail_hash(hashes, request.all_token_ids, end, self.layout.hash_block_size)
+                if end % self.layout.scheduler_block_size else None)
+        plan: list[tuple[GroupLayout, int, bytes | None]] = []
+        for g in self.layout.groups:
+            bs = g.block_size
+            if g.kind is GroupKind.ATTENTION:
+                for i in range(start // bs, -(-end // bs)):
+                    full = (i + 1) * bs <= end
+                    plan.append((g, i, self.layout.block_hash(hashes, g, i) if full else tail))
+            else:
+                i = (end - 1) // bs
+                plan.append((g, i, tail if end % bs else self.layout.block_hash(hashes, g, i)))
+        return plan
 
     def _request_checkpoint(self, request: Request, position: int) -> None:
         """Make vLLM end the next prefill chunk at the next checkpoint boundary.
@@ -95,8 +180,8 @@ class SchedulerSide:
         to the next boundary after each chunk makes states appear every
         ``checkpoint_every`` boundaries, and the worker saves each of them.
         """
-        if not self.cfg.checkpoint_every:
-            return
+        if not self.cfg.checkpoint_every or handoff.is_prefill_request(request.kv_transfer_params):
+            return  # a PD prefill keeps vLLM's own chunking: its hand-off is then exact
         step = self.cfg.checkpoint_every * self.layout.scheduler_block_size
         target = (position // step + 1) * step
         if target >= request.num_prompt_tokens:
@@ -152,21 +237,14 @@ class SchedulerSide:
         if num_external_tokens <= 0:
             return
         block_ids = blocks.get_block_ids()
-        hashes = request.block_hashes
         ios: list[BlockIO] = []
-        ok = restored % self.layout.scheduler_block_size == 0
-        for g in self.layout.groups:
-            if g.kind is GroupKind.ATTENTION:
-                idxs = range(local // g.block_size, restored // g.block_size)
-            else:
-                idxs = range(restored // g.block_size - 1, restored // g.block_size)
-            for i in idxs:
-                h = self.layout.block_hash(hashes, g, i)
-                ids = block_ids[g.group_id]
-                if h is None or i >= len(ids) or ids[i] == 0:
-                    ok = False
-                    continue
-                ios.append(BlockIO(g.group_id, ids[i], h))
+        ok = True
+        for g, i, h in self._restore_plan(request, local, restored):
+            ids = block_ids[g.group_id]
+            if h is None or i >= len(ids) or ids[i] == 0:
+                ok = False
+                continue
+            ios.append(BlockIO(g.group_id, ids[i], h))
         if not ok:
             # Cannot describe the load exactly: fail it so vLLM recomputes.
             log.warning("kvtier: cannot map the %d-token load of %s; recomputing",
@@ -180,7 +258,7 @@ class SchedulerSide:
         meta = KVTierMetadata(loads=self._loads,
                               inline_loads=out.total_num_scheduled_tokens == 0)
         self._loads = []
-        if not self.cfg.save:
+        if not (self.save_prompt or self.save_decoded):
             return meta
         gone = set(out.preempted_req_ids or ()) | set(out.finished_req_ids)
         for rid in gone:
@@ -202,7 +280,43 @@ class SchedulerSide:
             ids = block_state.get_block_ids(rid)
             if ids is not None:
                 self._plan_step_saves(meta, rid, st, ids, end)
+                if (end >= st.request.num_prompt_tokens and rid not in self._handoffs
+                        and handoff.is_prefill_request(st.request.kv_transfer_params)
+                        and self.save_prompt):
+                    self._plan_handoff_saves(meta, rid, st, ids)
         return meta
+
+    def _plan_handoff_saves(self, meta: KVTierMetadata, rid: str, st: _ReqState,
+                            ids: tuple[list[int], ...]) -> None:
+        """The step that ends a PD prefill: save the tail past the last full block
+        (partial attention blocks and every state at the prompt's end)."""
+        req = st.request
+        end = req.num_prompt_tokens
+        tail = handoff.tail_hash(req.block_hashes, req.all_token_ids, end,
+                                 self.layout.hash_block_size)
+        saves: list[BlockIO] = []
+        if end % self.layout.scheduler_block_size:
+            anchor = self.layout.anchor
+            a_idx = (end - 1) // anchor.block_size
+            a_hash = (tail if end % anchor.block_size
+                      else self.layout.block_hash(req.block_hashes, anchor, a_idx))
+            for g, i, h in self._restore_plan(req, end - end % self.layout.scheduler_block_size,
+                                              end):
+                if h != tail:
+                    continue  # a full block: the prefix path saves it
+                if i >= len(ids[g.group_id]) or not ids[g.group_id][i]:
+                    log.warning("kvtier: hand-off of %s has no block %d in group %d; "
+                                "decode will use the prefix cache", rid, i, g.group_id)
+                    return
+                if g.kind is GroupKind.ATTENTION:
+                    parent = self.layout.block_hash(req.block_hashes, g, i - 1) if i else None
+                    saves.append(BlockIO(g.group_id, ids[g.group_id][i], h, parent, g.group_id))
+                else:
+                    saves.append(BlockIO(g.group_id, ids[g.group_id][i], h, a_hash,
+                                         anchor.group_id))
+        meta.saves.extend(saves)
+        self._handoffs[rid] = (end, tail)
+        self.stats.add("handoffs_saved")
 
     def _plan_step_saves(self, meta: KVTierMetadata, rid: str, st: _ReqState,
                          ids: tuple[list[int], ...], end: int) -> None:
@@ -227,7 +341,7 @@ class SchedulerSide:
                     last = i
                     break
                 decode = (i + 1) * g.block_size > req.num_prompt_tokens
-                if gids[i] and (self.cfg.save_decode or not decode):
+                if gids[i] and (self.save_decoded if decode else self.save_prompt):
                     parent = self.layout.block_hash(hashes, g, i - 1) if i else None
                     meta.saves.append(BlockIO(g.group_id, gids[i], h, parent, g.group_id,
                                               decode))
@@ -251,7 +365,7 @@ class SchedulerSide:
         if h is None or ph is None:
             return
         decode = boundary > st.request.num_prompt_tokens
-        if decode and not self.cfg.save_decode:
+        if not (self.save_decoded if decode else self.save_prompt):
             return
         st.saved_states.add((gid, boundary))
         meta.saves.append(BlockIO(gid, bid, h, ph, anchor.group_id, decode))
@@ -269,5 +383,10 @@ class SchedulerSide:
         self._reqs.pop(rid, None)
         self._pending_hits.pop(rid, None)
         self._failed_loads.discard(rid)
+        self._waits.pop(rid, None)
+        done = self._handoffs.pop(rid, None)
+        params = None
+        if done is not None:  # PD prefill: tell the router (and decode) what the tier holds
+            params = handoff.prefill_params(done[0], done[1], self.ns.hex())
         # A load still writing into this request's blocks keeps them until it reports.
-        return rid in self._inflight_loads, None
+        return rid in self._inflight_loads, params
