@@ -47,6 +47,7 @@ def engine_kwargs(model_path: str | Path, tier_url: str | None = None,
 class Generation:
     token_ids: list[int]
     num_cached_tokens: int
+    kv_transfer_params: dict[str, Any] | None = None
 
 
 class EngineProcess:
@@ -118,11 +119,16 @@ class EngineProcess:
         return self.generate_many([prompt_token_ids], max_tokens, reset_local_cache)[0]
 
     def generate_many(self, prompts: list[list[int]], max_tokens: int = 16,
-                      reset_local_cache: bool = True) -> list[Generation]:
-        """All prompts in one batch (they compete for KV blocks: preemption can happen)."""
+                      reset_local_cache: bool = True,
+                      extra_args: list[dict[str, Any] | None] | None = None) -> list[Generation]:
+        """All prompts in one batch (they compete for KV blocks: preemption can happen).
+
+        ``extra_args`` (one per prompt) go to ``SamplingParams.extra_args``, e.g.
+        ``{"kv_transfer_params": ...}`` as vLLM's API server passes them."""
         outs = self._call("generate_many", {"prompts": prompts, "max_tokens": max_tokens,
-                                            "reset": reset_local_cache})
-        return [Generation(o["token_ids"], o["num_cached_tokens"]) for o in outs]
+                                            "reset": reset_local_cache, "extra": extra_args})
+        return [Generation(o["token_ids"], o["num_cached_tokens"], o["kv_transfer_params"])
+                for o in outs]
 
     def engine_stats(self) -> dict[str, int]:
         """vLLM scheduler facts the tests care about: preemptions so far, the number of
@@ -172,12 +178,14 @@ def _child(sock: str) -> None:
                 assert llm is not None
                 if arg["reset"]:
                     llm.reset_prefix_cache()
-                sp = SamplingParams(temperature=0.0, max_tokens=arg["max_tokens"],
-                                    ignore_eos=True)
-                outs = llm.generate([{"prompt_token_ids": p} for p in arg["prompts"]], sp,
+                extra = arg.get("extra") or [None] * len(arg["prompts"])
+                sps = [SamplingParams(temperature=0.0, max_tokens=arg["max_tokens"],
+                                      ignore_eos=True, extra_args=x) for x in extra]
+                outs = llm.generate([{"prompt_token_ids": p} for p in arg["prompts"]], sps,
                                     use_tqdm=False)
                 conn.send((True, [{"token_ids": list(o.outputs[0].token_ids),
-                                   "num_cached_tokens": int(o.num_cached_tokens or 0)}
+                                   "num_cached_tokens": int(o.num_cached_tokens or 0),
+                                   "kv_transfer_params": o.kv_transfer_params}
                                   for o in outs]))
             elif op == "engine_stats":
                 conn.send((True, _engine_stats(llm)))
