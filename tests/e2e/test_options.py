@@ -222,7 +222,7 @@ def decode_flagged(url: str, namespace: str) -> int:
 def test_timeout_then_retry_after(opts: Options):
     """A tier that answers later than ``timeout_s`` is a miss; after that failure the
     connector leaves the tier alone for ``retry_after_s`` (even once it is fast again),
-    then comes back on a fresh connection and hits. R ends healthy. Short prompts
+    then comes back and hits. R ends healthy. Short prompts
     and one token keep the requests inside the window on a busy box."""
     p = prompt(2 * BLOCK + 50, seed=412)
     ref = opts.w.generate(p, max_tokens=1)
@@ -234,16 +234,16 @@ def test_timeout_then_retry_after(opts: Options):
     assert (late.num_cached_tokens, late.token_ids) == (0, ref.token_ids)
 
     opts.proxy.set_delay(0.0)
-    seen = opts.proxy.stats()
+    # The tier is fast again and holds the prefix: only a connector that stays off
+    # it can miss. (Proxy connection counts prove nothing: gRPC channels to one
+    # target share their TCP connection.)
     off = opts.r.generate(p, max_tokens=1)
     assert time.monotonic() - t0 < RETRY_S, "the box was too slow to look inside the window"
     assert (off.num_cached_tokens, off.token_ids) == (0, ref.token_ids)
-    assert opts.proxy.stats()["connections"] == seen["connections"], "stayed off the tier"
 
     time.sleep(max(0.0, failed_by + RETRY_S - time.monotonic()))
     back = opts.r.generate(p, max_tokens=1)
     assert (back.num_cached_tokens, back.token_ids) == (2 * BLOCK, ref.token_ids)
-    assert opts.proxy.stats()["connections"] > seen["connections"], "a fresh connection"
 
 
 # -- one engine each -----------------------------------------------------------------------
