@@ -130,9 +130,10 @@ class EngineProcess:
         return [Generation(o["token_ids"], o["num_cached_tokens"], o["kv_transfer_params"])
                 for o in outs]
 
-    def engine_stats(self) -> dict[str, int]:
-        """vLLM scheduler facts the tests care about: preemptions so far, the number of
-        KV blocks and their size in tokens (vLLM sizes hybrid blocks itself)."""
+    def engine_stats(self) -> dict[str, Any]:
+        """vLLM scheduler facts the tests care about: preemptions so far (and which
+        request at how many output tokens), the number of KV blocks and their size in
+        tokens (vLLM sizes hybrid blocks itself)."""
         return self._call("engine_stats")
 
     def connector_stats(self) -> dict[str, int]:
@@ -210,19 +211,25 @@ def _count_preemptions(llm: Any) -> None:
     sched = llm.llm_engine.engine_core.engine_core.scheduler
     original = sched._preempt_request
     sched._kvtier_preemptions = 0
+    sched._kvtier_preempted = []  # (request id, output tokens so far), in order
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         sched._kvtier_preemptions += 1
+        req = args[0] if args else kwargs.get("request")
+        if req is not None:
+            sched._kvtier_preempted.append((str(req.request_id), int(req.num_output_tokens)))
         return original(*args, **kwargs)
 
     sched._preempt_request = counted
 
 
-def _engine_stats(llm: Any) -> dict[str, int]:
+def _engine_stats(llm: Any) -> dict[str, Any]:
     sched = llm.llm_engine.engine_core.engine_core.scheduler
     reqs = getattr(sched, "_kvtier_preemptions", 0)
-    out = {"preemptions": int(reqs), "num_blocks": int(sched.kv_cache_config.num_blocks),
-           "block_size": int(sched.cache_config.block_size)}
+    out: dict[str, Any] = {
+        "preemptions": int(reqs), "num_blocks": int(sched.kv_cache_config.num_blocks),
+        "block_size": int(sched.cache_config.block_size),
+        "preempted": list(getattr(sched, "_kvtier_preempted", []))}
     try:
         from kvtier.connectors.vllm.stats import ConnectorStats
 

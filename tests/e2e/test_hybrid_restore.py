@@ -188,20 +188,33 @@ def test_connector_metrics_count_hits_and_misses(node_b, tier):
     assert delta("kvtier_connector_seconds_count", op="load") == 1
 
 
-def test_preempted_requests_resume_with_batch_identical_tokens(model_path, tier, cold):
+def test_preempted_requests_resume_with_batch_identical_tokens(model_path, tier):
     """A KV cache too small for the batch forces vLLM to preempt and resume requests
-    while the connector is saving and loading; every output must equal the same
-    batch on a cold engine (batched decode rounds differently from single requests,
-    so the reference is the batch, not each prompt alone)."""
+    while the connector is saving and loading. Reference: the same batch on the same
+    small cache without the connector (vLLM's own preemption; it preempts at the same
+    points). Every token before the first preemption, and every token of a request
+    never preempted, must be identical. A resumed request continues from a restored
+    decode-written state plus a prefill of its last tokens, while vLLM alone
+    recomputes them by prefill: equivalent, not bit-identical (README "Decode-written
+    blocks"); measured, the preempted request drifts from either reference within a
+    token of its preemption, and vLLM alone drifts from a cold engine the same way."""
     kw = engine_kwargs(model_path, tier.url)
     kw.update(kv_cache_memory_bytes=40 * PAGE_BYTES, max_model_len=2048)  # 40 blocks
+    ref_kw = {k: v for k, v in kw.items() if k != "kv_transfer_config"}
     prompts = [prompt(1200, seed=300 + i) for i in range(4)]
-    ref = cold.generate_many(prompts, max_tokens=300)
-    with EngineProcess(kw, "node-small") as small:
+    with EngineProcess(kw, "node-small") as small, \
+            EngineProcess(ref_kw, "small-no-connector") as plain:
         outs = small.generate_many(prompts, max_tokens=300)
-        assert small.engine_stats()["preemptions"] >= 1, "the test must actually preempt"
+        ref = plain.generate_many(prompts, max_tokens=300)
+        preempted = small.engine_stats()["preempted"]
+        assert preempted, "the test must actually preempt"
+        assert plain.engine_stats()["preemptions"] >= 1
         stats = small.connector_stats()
-    assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
+    first = min(n for _, n in preempted)
+    assert all(len(o.token_ids) == 300 for o in outs)
+    assert [o.token_ids[:first] for o in outs] == [r.token_ids[:first] for r in ref]
+    identical = sum(o.token_ids == r.token_ids for o, r in zip(outs, ref))
+    assert identical >= len(prompts) - len({rid for rid, _ in preempted}), (identical, preempted)
     assert not any(k.startswith("error_") for k in stats), stats
     # Fresh prompts cannot hit on admission: every load is a resumed request's.
     assert stats.get("requests_loaded", 0) >= 1 and stats.get("blocks_loaded", 0) > 0, stats
