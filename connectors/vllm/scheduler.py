@@ -11,6 +11,12 @@ Saves: an attention block is saved in the step that fills it; a recurrent state
 is saved in the step vLLM offers it (``boundary_state_offloads``, prefill and
 decode boundaries alike). The worker copies them out at the end of that same
 step, while the request still owns the blocks, so nothing needs pinning.
+
+Speculative decoding: a verify step's scheduled tokens include drafts that may
+be rejected, so nothing is saved from a position a draft reaches. Once a request
+has speculated, a state is saved only one step later, at the boundary its
+committed tokens (after rejection) reached: vLLM's postprocess copied exactly
+that state into the boundary's block (see ``_plan_committed_states``).
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ class _ReqState:
     restored_tokens: int  # local + external hit at admission: nothing below is re-saved
     next_save: dict[int, int] = field(default_factory=dict)  # attention group -> block index
     saved_states: set[tuple[int, int]] = field(default_factory=set)  # (group, boundary tokens)
+    # Committed tokens before the request's first step with drafts; None: never speculated.
+    spec_from: int | None = None
 
 
 class SchedulerSide:
@@ -139,6 +147,8 @@ class SchedulerSide:
             ext = w.tokens - num_computed
             self._pending_hits[rid] = (num_computed, ext)
             self.stats.lookup(True, "handoff", ext)
+            self.stats.add("handoff_hits")
+            self.stats.add("handoff_tokens", ext)
             return ext
         if not self.tier.available or w.expired:
             w.done = True
@@ -279,7 +289,8 @@ class SchedulerSide:
             self._request_checkpoint(st.request, end)
             ids = block_state.get_block_ids(rid)
             if ids is not None:
-                self._plan_step_saves(meta, rid, st, ids, end)
+                drafts = len(out.scheduled_spec_decode_tokens.get(rid, ()))
+                self._plan_step_saves(meta, rid, st, ids, end, drafts)
                 if (end >= st.request.num_prompt_tokens and rid not in self._handoffs
                         and handoff.is_prefill_request(st.request.kv_transfer_params)
                         and self.save_prompt):
@@ -319,10 +330,18 @@ class SchedulerSide:
         self.stats.add("handoffs_saved")
 
     def _plan_step_saves(self, meta: KVTierMetadata, rid: str, st: _ReqState,
-                         ids: tuple[list[int], ...], end: int) -> None:
-        """Blocks this step fills (attention) and the state it ends on, if any."""
+                         ids: tuple[list[int], ...], end: int, drafts: int = 0) -> None:
+        """Blocks this step fills (attention) and the state it ends on, if any.
+
+        ``drafts`` of the step's tokens are speculative: attention stops before them
+        and, once a request has speculated, states come from committed tokens only.
+        """
         req = st.request
         hashes = req.block_hashes
+        if drafts and st.spec_from is None:
+            st.spec_from = req.num_computed_tokens - req.num_output_placeholders
+        if st.spec_from is not None:
+            self._plan_committed_states(meta, rid, st, ids)
         for g in self.layout.groups:
             gids = ids[g.group_id]
             if g.kind is GroupKind.STATE:
@@ -330,11 +349,11 @@ class SchedulerSide:
                 # the running state block (index boundary/block - 1) then holds that
                 # boundary's state until the end of the step. vLLM offers no hand-off.
                 idx = end // g.block_size - 1
-                if end % g.block_size == 0 and idx < len(gids):
+                if st.spec_from is None and end % g.block_size == 0 and idx < len(gids):
                     self._save_state(meta, rid, g.group_id, gids[idx], end)
                 continue
             first = st.next_save[g.group_id]
-            last = min(end // g.block_size, len(gids))
+            last = min((end - drafts) // g.block_size, len(gids))
             for i in range(first, last):
                 h = self.layout.block_hash(hashes, g, i)
                 if h is None:
@@ -346,6 +365,29 @@ class SchedulerSide:
                     meta.saves.append(BlockIO(g.group_id, gids[i], h, parent, g.group_id,
                                               decode))
             st.next_save[g.group_id] = max(first, last)
+
+    def _plan_committed_states(self, meta: KVTierMetadata, rid: str, st: _ReqState,
+                               ids: tuple[list[int], ...]) -> None:
+        """Under spec decode: the state at the last boundary the committed tokens reached.
+
+        After each decode step vLLM's align postprocess copies the state of
+        ``aligned = committed // block * block`` (when the step's accepted tokens
+        crossed it) into block ``aligned // block - 1``; later steps write only
+        blocks past it. A boundary past ``spec_from`` was crossed by such a step, so
+        that block holds exactly its state, as long as the request still owns it:
+        vLLM frees it (null in the table) once the committed tokens run past the
+        boundary, so a boundary crossed mid-step is not saved (slower, never wrong).
+        """
+        req = st.request
+        committed = req.num_computed_tokens - req.num_output_placeholders
+        for g in self.layout.groups:
+            if g.kind is not GroupKind.STATE:
+                continue
+            boundary = committed // g.block_size * g.block_size
+            idx = boundary // g.block_size - 1
+            gids = ids[g.group_id]
+            if boundary > st.spec_from and idx < len(gids):
+                self._save_state(meta, rid, g.group_id, gids[idx], boundary)
 
     def _save_state(self, meta: KVTierMetadata, rid: str, gid: int, bid: int,
                     boundary: int) -> None:
