@@ -13,10 +13,14 @@ decode boundaries alike). The worker copies them out at the end of that same
 step, while the request still owns the blocks, so nothing needs pinning.
 
 Speculative decoding: a verify step's scheduled tokens include drafts that may
-be rejected, so nothing is saved from a position a draft reaches. Once a request
-has speculated, a state is saved only one step later, at the boundary its
-committed tokens (after rejection) reached: vLLM's postprocess copied exactly
-that state into the boundary's block (see ``_plan_committed_states``).
+be rejected, so the connector saves nothing a draft position reaches: no state
+because a step *ends* on a boundary, no attention block past the step's non-draft
+tokens. A decode-crossed state is saved only from vLLM's offer, which it makes
+from committed tokens (``cache_blocks`` after rejection) for the block its align
+postprocess copies the boundary's state into; with drafts the worker saves after
+that postprocess (vLLM defers ``wait_for_save`` past sampling). A boundary the
+accepted tokens run past mid-step is not offered (vLLM frees that block first),
+so it is not saved: slower, never wrong.
 """
 
 from __future__ import annotations
@@ -53,8 +57,6 @@ class _ReqState:
     restored_tokens: int  # local + external hit at admission: nothing below is re-saved
     next_save: dict[int, int] = field(default_factory=dict)  # attention group -> block index
     saved_states: set[tuple[int, int]] = field(default_factory=set)  # (group, boundary tokens)
-    # Committed tokens before the request's first step with drafts; None: never speculated.
-    spec_from: int | None = None
 
 
 class SchedulerSide:
@@ -333,15 +335,12 @@ class SchedulerSide:
                          ids: tuple[list[int], ...], end: int, drafts: int = 0) -> None:
         """Blocks this step fills (attention) and the state it ends on, if any.
 
-        ``drafts`` of the step's tokens are speculative: attention stops before them
-        and, once a request has speculated, states come from committed tokens only.
+        ``drafts`` of the step's tokens are speculative: attention stops before them,
+        and a step with drafts ends on no state (its state block holds the state after
+        its first token, the boundary only once accepted; vLLM offers it then).
         """
         req = st.request
         hashes = req.block_hashes
-        if drafts and st.spec_from is None:
-            st.spec_from = req.num_computed_tokens - req.num_output_placeholders
-        if st.spec_from is not None:
-            self._plan_committed_states(meta, rid, st, ids)
         for g in self.layout.groups:
             gids = ids[g.group_id]
             if g.kind is GroupKind.STATE:
@@ -349,7 +348,7 @@ class SchedulerSide:
                 # the running state block (index boundary/block - 1) then holds that
                 # boundary's state until the end of the step. vLLM offers no hand-off.
                 idx = end // g.block_size - 1
-                if st.spec_from is None and end % g.block_size == 0 and idx < len(gids):
+                if not drafts and end % g.block_size == 0 and idx < len(gids):
                     self._save_state(meta, rid, g.group_id, gids[idx], end)
                 continue
             first = st.next_save[g.group_id]
@@ -365,29 +364,6 @@ class SchedulerSide:
                     meta.saves.append(BlockIO(g.group_id, gids[i], h, parent, g.group_id,
                                               decode))
             st.next_save[g.group_id] = max(first, last)
-
-    def _plan_committed_states(self, meta: KVTierMetadata, rid: str, st: _ReqState,
-                               ids: tuple[list[int], ...]) -> None:
-        """Under spec decode: the state at the last boundary the committed tokens reached.
-
-        After each decode step vLLM's align postprocess copies the state of
-        ``aligned = committed // block * block`` (when the step's accepted tokens
-        crossed it) into block ``aligned // block - 1``; later steps write only
-        blocks past it. A boundary past ``spec_from`` was crossed by such a step, so
-        that block holds exactly its state, as long as the request still owns it:
-        vLLM frees it (null in the table) once the committed tokens run past the
-        boundary, so a boundary crossed mid-step is not saved (slower, never wrong).
-        """
-        req = st.request
-        committed = req.num_computed_tokens - req.num_output_placeholders
-        for g in self.layout.groups:
-            if g.kind is not GroupKind.STATE:
-                continue
-            boundary = committed // g.block_size * g.block_size
-            idx = boundary // g.block_size - 1
-            gids = ids[g.group_id]
-            if boundary > st.spec_from and idx < len(gids):
-                self._save_state(meta, rid, g.group_id, gids[idx], boundary)
 
     def _save_state(self, meta: KVTierMetadata, rid: str, gid: int, bid: int,
                     boundary: int) -> None:
