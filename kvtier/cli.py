@@ -443,7 +443,7 @@ def flush(url: Url = DEFAULT_URL, namespace: Namespace = None,
 
 @app.command()
 def bench(
-    which: Annotated[str, typer.Argument(help="grpc, redis, ttft or all (all: grpc + redis)")]
+    which: Annotated[str, typer.Argument(help="grpc, redis, ttft, pd or all (all: grpc + redis)")]
     = "all",
     redis_url: Annotated[str | None, typer.Option(help="existing Redis (else started)")] = None,
     as_json: Json = False,
@@ -462,8 +462,12 @@ def bench(
         from kvtier.bench_ttft import run_ttft_bench
 
         results["ttft"] = run_ttft_bench(console=None if as_json else out)
+    if which == "pd":
+        from kvtier.bench_pd import run_pd_bench
+
+        results["pd"] = run_pd_bench(console=None if as_json else out)
     if not results:
-        fail(f"unknown benchmark {which!r}: use grpc, redis, ttft or all", 2)
+        fail(f"unknown benchmark {which!r}: use grpc, redis, ttft, pd or all", 2)
     if as_json:
         emit(results, True)
 
