@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,17 @@ def kv_transfer_config(tier_url: str, kv_role: str = "kv_both",
     }
 
 
+REFERENCE_PROCESSOR = "kvtier.testing.reference:ForceFirstToken"
+Query = str | list[dict[str, str]]  # a completion prompt (text) or chat messages
+
+
 def server_args(model_path: str | Path, kv_config: dict[str, Any] | None = None,
-                max_model_len: int = 4096) -> list[str]:
-    """The engine flags that work on CPU for the tiny hybrid model (design notes §5)."""
+                max_model_len: int = 4096, logits_processors: tuple[str, ...] = ()
+                ) -> list[str]:
+    """The engine flags that work on CPU for the tiny hybrid model (design notes §5).
+
+    ``logits_processors`` (``module:Class``): e.g. :data:`REFERENCE_PROCESSOR` for a
+    server that can also give the one-engine split reference of a PD hand-off."""
     args = [
         "--model", str(model_path), "--enable-prefix-caching", "--mamba-cache-mode", "align",
         "--dtype", "bfloat16", "--enforce-eager", "--max-model-len", str(max_model_len),
@@ -49,7 +58,42 @@ def server_args(model_path: str | Path, kv_config: dict[str, Any] | None = None,
     ]
     if kv_config is not None:
         args += ["--kv-transfer-config", json.dumps(kv_config)]
+    if logits_processors:
+        args += ["--logits-processors", *logits_processors]
     return args
+
+
+@dataclass
+class Answer:
+    text: str
+    token_ids: list[int]
+    headers: dict[str, str]  # e.g. the router's x-kvtier-prefill / x-kvtier-decode
+
+
+def ask(url: str, model: str, query: Query, stream: bool = False, max_tokens: int = 12,
+        timeout_s: float = 1500.0) -> Answer:
+    """Greedy completion (or chat, for messages) through the OpenAI client, JSON or SSE."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0,
+                           timeout=timeout_s)
+    kw: dict[str, Any] = dict(model=model, max_tokens=max_tokens, temperature=0, stream=stream,
+                              extra_body={"return_token_ids": True, "ignore_eos": True})
+    api = client.chat.completions if isinstance(query, list) else client.completions
+    kw["messages" if isinstance(query, list) else "prompt"] = query
+    with api.with_streaming_response.create(**kw) as raw:
+        headers = dict(raw.headers)
+        r = raw.parse()
+        chunks = [c.choices[0] for c in r if c.choices] if stream else [r.choices[0]]
+    text = "".join(_text(c, isinstance(query, list), stream) for c in chunks)
+    ids = [i for c in chunks for i in getattr(c, "token_ids", None) or []]
+    return Answer(text, ids, headers)
+
+
+def _text(choice: Any, chat: bool, stream: bool) -> str:
+    if not chat:
+        return choice.text
+    return (choice.delta.content if stream else choice.message.content) or ""
 
 
 class ApiServer:
@@ -100,10 +144,33 @@ class ApiServer:
         except httpx.HTTPError:
             return False
 
-    def tokenize(self, prompt: str) -> list[int]:
-        r = httpx.post(f"{self.url}/tokenize", json={"prompt": prompt}, timeout=30.0)
+    def tokenize(self, query: Query) -> list[int]:
+        """Token ids of a prompt, or of chat messages rendered by the chat template (vLLM's
+        /tokenize defaults match its chat completions: generation prompt, no extra BOS)."""
+        key = "messages" if isinstance(query, list) else "prompt"
+        r = httpx.post(f"{self.url}/tokenize", json={key: query}, timeout=30.0)
         r.raise_for_status()
         return r.json()["tokens"]
+
+    def complete_ids(self, model: str, prompt: list[int], max_tokens: int,
+                     **xargs: int) -> list[int]:
+        """Greedy token ids for a token-id prompt (``xargs``: vLLM's ``vllm_xargs``)."""
+        body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                                "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+        if xargs:
+            body["vllm_xargs"] = xargs
+        r = httpx.post(f"{self.url}/v1/completions", json=body, timeout=1500.0)
+        r.raise_for_status()
+        return r.json()["choices"][0]["token_ids"]
+
+    def split_reference(self, model: str, prompt: list[int], max_tokens: int) -> list[int]:
+        """The one-engine reference of a PD hand-off (``kvtier.testing.reference``): prefill
+        ``prompt[:-1]``, force ``prompt[-1]`` as the first output so the next step consumes
+        it as a decode step, like a decode node does. Needs :data:`REFERENCE_PROCESSOR`."""
+        out = self.complete_ids(model, prompt[:-1], max_tokens + 1,
+                                force_first_token=prompt[-1])  # reference.EXTRA_ARG
+        assert out[0] == prompt[-1], f"{self.name}: the forced first token was not emitted"
+        return out[1:]
 
     def reset_prefix_cache(self, timeout_s: float = 30.0) -> None:
         """Empty the local prefix cache (retried while blocks are still held)."""
