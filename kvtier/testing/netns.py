@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-SUBNET = "10.231.7"  # a private /24 that only exists inside this sandbox's namespaces
+SUBNET_PREFIX = "10.231"  # private /24s that only exist inside this sandbox's namespaces
 
 
 def available() -> str | None:
@@ -39,7 +39,13 @@ class Cluster:
     nodes: dict[str, str] = field(default_factory=dict)  # name -> address
     namespaces: dict[str, str] = field(default_factory=dict)  # name -> netns name
     bridge: str = ""
-    host_address: str = f"{SUBNET}.254"
+    # Each cluster gets its own /24 (from its random tag): two test runs on one
+    # machine must not fight over addresses.
+    subnet: str = f"{SUBNET_PREFIX}.7"
+
+    @property
+    def host_address(self) -> str:
+        return f"{self.subnet}.254"
 
     def launcher(self, node: str) -> list[str]:
         """Prefix that runs a command on ``node``."""
@@ -74,7 +80,7 @@ class Cluster:
 @contextlib.contextmanager
 def cluster(names: Sequence[str]) -> Iterator[Cluster]:
     tag = uuid.uuid4().hex[:6]
-    c = Cluster(tag, bridge=f"kvtbr{tag}")
+    c = Cluster(tag, bridge=f"kvtbr{tag}", subnet=f"{SUBNET_PREFIX}.{int(tag, 16) % 250 + 1}")
     made_ns: list[str] = []
     made_links: list[str] = []
     try:
@@ -90,7 +96,7 @@ def cluster(names: Sequence[str]) -> Iterator[Cluster]:
             made_links.append(host_end)
             _ip("link", "set", host_end, "master", c.bridge)
             _ip("link", "set", host_end, "up")
-            addr = f"{SUBNET}.{i}"
+            addr = f"{c.subnet}.{i}"
             for cmd in (["ip", "addr", "add", f"{addr}/24", "dev", "eth0"],
                         ["ip", "link", "set", "eth0", "up"], ["ip", "link", "set", "lo", "up"]):
                 _ip("netns", "exec", ns, *cmd)
