@@ -12,6 +12,11 @@ is saved in the step vLLM offers it (``boundary_state_offloads``, prefill and
 decode boundaries alike). The worker copies them out at the end of that same
 step, while the request still owns the blocks, so nothing needs pinning.
 
+PD hand-offs (:mod:`.handoff`): a prefill asked for by a router stops one token
+short and saves the tail past its last full block; a decode request carrying the
+prefill's params waits for that tail (vLLM re-asks while we answer ``None``) and
+restores ``N - 1`` tokens, or falls back to the prefix lookup at its deadline.
+
 Speculative decoding: a verify step's scheduled tokens include drafts that may
 be rejected, so the connector saves nothing a draft position reaches: no state
 because a step *ends* on a boundary, no attention block past the step's non-draft
