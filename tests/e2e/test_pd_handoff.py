@@ -105,6 +105,9 @@ def test_decode_restores_all_but_the_last_token(pd: PD, cold):
         after = pd.decode.connector_stats()
         assert after.get("handoff_hits", 0) == before.get("handoff_hits", 0) + 1, p[:4]
         assert (after.get("handoff_tokens", 0) - before.get("handoff_tokens", 0)) == len(p) - 1
+        # ... and the worker really restored it (a failed load would recompute silently).
+        assert after.get("requests_loaded", 0) == before.get("requests_loaded", 0) + 1
+        assert after.get("requests_load_failed", 0) == before.get("requests_load_failed", 0)
         assert out.token_ids == pd.reference(p), f"{len(p)}-token prompt"
         cold_same += out.token_ids == cold.generate(p, max_tokens=MAX_TOKENS).token_ids
     print(f"\nhand-off tokens equal to a one-pass cold run on {cold_same}/{len(prompts)} prompts")
