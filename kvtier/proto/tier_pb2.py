@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kvtier/v1/tier.proto\x12\tkvtier.v1\"\\\n\nGroupQuery\x12\x10\n\x08group_id\x18\x01 \x01(\x05\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.kvtier.v1.GroupKind\x12\x18\n\x10hashes_per_block\x18\x03 \x01(\x05\"\xe1\x01\n\rLookupRequest\x12\x11\n\tnamespace\x18\x01 \x01(\x0c\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x15\n\rhashes_packed\x18\x03 \x01(\x0c\x12\x10\n\x08hash_len\x18\x04 \x01(\x05\x12\x1b\n\x13hashes_per_boundary\x18\x05 \x01(\x05\x12%\n\x06groups\x18\x06 \x03(\x0b\x32\x15.kvtier.v1.GroupQuery\x12\x16\n\x0estart_boundary\x18\x07 \x01(\x05\x12\x14\n\x0cmax_boundary\x18\x08 \x01(\x05\x12\x14\n\x0cwith_details\x18\t \x01(\x08\"2\n\rGroupPresence\x12\x10\n\x08group_id\x18\x01 \x01(\x05\x12\x0f\n\x07present\x18\x02 \x01(\x08\"_\n\x0e\x42oundaryDetail\x12\x10\n\x08\x62oundary\x18\x01 \x01(\x05\x12(\n\x06groups\x18\x02 \x03(\x0b\x32\x18.kvtier.v1.GroupPresence\x12\x11\n\tprefix_ok\x18\x03 \x01(\x08\"[\n\x0bLookupReply\x12\x10\n\x08\x62oundary\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12*\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x19.kvtier.v1.BoundaryDetail\"/\n\nGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x05\"\'\n\x08GetChunk\x12\r\n\x05sizes\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"5\n\x07PutItem\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0e\n\x06parent\x18\x03 \x01(\x0c\"-\n\x08PutBatch\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.kvtier.v1.PutItem\"\x1a\n\x08PutReply\x12\x0e\n\x06stored\x18\x01 \x01(\x03\"\x1b\n\x0bKeysRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\" \n\rContainsReply\x12\x0f\n\x07present\x18\x01 \x03(\x08\"\x1b\n\nCountReply\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\"*\n\nPinRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x0e\n\x06pinned\x18\x02 \x01(\x08\",\n\x0bScanRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\x0c\x12\r\n\x05limit\x18\x02 \x01(\x03\"H\n\tScanEntry\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06pinned\x18\x03 \x01(\x08\x12\x10\n\x08\x63hildren\x18\x04 \x01(\x05\"2\n\tScanReply\x12%\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x14.kvtier.v1.ScanEntry\"\x1e\n\x0c\x46lushRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\x0c\"\x0e\n\x0cStatsRequest\"\x1a\n\nStatsReply\x12\x0c\n\x04json\x18\x01 \x01(\t\"\x0f\n\rHealthRequest\"_\n\x0bHealthReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0f\n\x07\x65ntries\x18\x04 \x01(\x03\x12\x11\n\tbulk_port\x18\x05 \x01(\x05*A\n\tGroupKind\x12\x1a\n\x16GROUP_KIND_UNSPECIFIED\x10\x00\x12\r\n\tATTENTION\x10\x01\x12\t\n\x05STATE\x10\x02\x32\xba\x04\n\x04Tier\x12:\n\x06Lookup\x12\x18.kvtier.v1.LookupRequest\x1a\x16.kvtier.v1.LookupReply\x12\x33\n\x03Get\x12\x15.kvtier.v1.GetRequest\x1a\x13.kvtier.v1.GetChunk0\x01\x12\x31\n\x03Put\x12\x13.kvtier.v1.PutBatch\x1a\x13.kvtier.v1.PutReply(\x01\x12<\n\x08\x43ontains\x12\x16.kvtier.v1.KeysRequest\x1a\x18.kvtier.v1.ContainsReply\x12\x37\n\x06\x44\x65lete\x12\x16.kvtier.v1.KeysRequest\x1a\x15.kvtier.v1.CountReply\x12\x33\n\x03Pin\x12\x15.kvtier.v1.PinRequest\x1a\x15.kvtier.v1.CountReply\x12\x34\n\x04Scan\x12\x16.kvtier.v1.ScanRequest\x1a\x14.kvtier.v1.ScanReply\x12\x37\n\x05\x46lush\x12\x17.kvtier.v1.FlushRequest\x1a\x15.kvtier.v1.CountReply\x12\x37\n\x05Stats\x12\x17.kvtier.v1.StatsRequest\x1a\x15.kvtier.v1.StatsReply\x12:\n\x06Health\x12\x18.kvtier.v1.HealthRequest\x1a\x16.kvtier.v1.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14kvtier/v1/tier.proto\x12\tkvtier.v1\"\\\n\nGroupQuery\x12\x10\n\x08group_id\x18\x01 \x01(\x05\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.kvtier.v1.GroupKind\x12\x18\n\x10hashes_per_block\x18\x03 \x01(\x05\"\xe1\x01\n\rLookupRequest\x12\x11\n\tnamespace\x18\x01 \x01(\x0c\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x15\n\rhashes_packed\x18\x03 \x01(\x0c\x12\x10\n\x08hash_len\x18\x04 \x01(\x05\x12\x1b\n\x13hashes_per_boundary\x18\x05 \x01(\x05\x12%\n\x06groups\x18\x06 \x03(\x0b\x32\x15.kvtier.v1.GroupQuery\x12\x16\n\x0estart_boundary\x18\x07 \x01(\x05\x12\x14\n\x0cmax_boundary\x18\x08 \x01(\x05\x12\x14\n\x0cwith_details\x18\t \x01(\x08\"2\n\rGroupPresence\x12\x10\n\x08group_id\x18\x01 \x01(\x05\x12\x0f\n\x07present\x18\x02 \x01(\x08\"_\n\x0e\x42oundaryDetail\x12\x10\n\x08\x62oundary\x18\x01 \x01(\x05\x12(\n\x06groups\x18\x02 \x03(\x0b\x32\x18.kvtier.v1.GroupPresence\x12\x11\n\tprefix_ok\x18\x03 \x01(\x08\"w\n\x0bLookupReply\x12\x10\n\x08\x62oundary\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12*\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x19.kvtier.v1.BoundaryDetail\x12\x1a\n\x12\x61ttention_boundary\x18\x04 \x01(\x05\"/\n\nGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x05\"\'\n\x08GetChunk\x12\r\n\x05sizes\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"5\n\x07PutItem\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0e\n\x06parent\x18\x03 \x01(\x0c\"-\n\x08PutBatch\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.kvtier.v1.PutItem\"\x1a\n\x08PutReply\x12\x0e\n\x06stored\x18\x01 \x01(\x03\"\x1b\n\x0bKeysRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\" \n\rContainsReply\x12\x0f\n\x07present\x18\x01 \x03(\x08\"\x1b\n\nCountReply\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\"*\n\nPinRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x0e\n\x06pinned\x18\x02 \x01(\x08\",\n\x0bScanRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\x0c\x12\r\n\x05limit\x18\x02 \x01(\x03\"H\n\tScanEntry\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06pinned\x18\x03 \x01(\x08\x12\x10\n\x08\x63hildren\x18\x04 \x01(\x05\"2\n\tScanReply\x12%\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x14.kvtier.v1.ScanEntry\"\x1e\n\x0c\x46lushRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\x0c\"\x0e\n\x0cStatsRequest\"\x1a\n\nStatsReply\x12\x0c\n\x04json\x18\x01 \x01(\t\"\x0f\n\rHealthRequest\"_\n\x0bHealthReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0f\n\x07\x65ntries\x18\x04 \x01(\x03\x12\x11\n\tbulk_port\x18\x05 \x01(\x05*A\n\tGroupKind\x12\x1a\n\x16GROUP_KIND_UNSPECIFIED\x10\x00\x12\r\n\tATTENTION\x10\x01\x12\t\n\x05STATE\x10\x02\x32\xba\x04\n\x04Tier\x12:\n\x06Lookup\x12\x18.kvtier.v1.LookupRequest\x1a\x16.kvtier.v1.LookupReply\x12\x33\n\x03Get\x12\x15.kvtier.v1.GetRequest\x1a\x13.kvtier.v1.GetChunk0\x01\x12\x31\n\x03Put\x12\x13.kvtier.v1.PutBatch\x1a\x13.kvtier.v1.PutReply(\x01\x12<\n\x08\x43ontains\x12\x16.kvtier.v1.KeysRequest\x1a\x18.kvtier.v1.ContainsReply\x12\x37\n\x06\x44\x65lete\x12\x16.kvtier.v1.KeysRequest\x1a\x15.kvtier.v1.CountReply\x12\x33\n\x03Pin\x12\x15.kvtier.v1.PinRequest\x1a\x15.kvtier.v1.CountReply\x12\x34\n\x04Scan\x12\x16.kvtier.v1.ScanRequest\x1a\x14.kvtier.v1.ScanReply\x12\x37\n\x05\x46lush\x12\x17.kvtier.v1.FlushRequest\x1a\x15.kvtier.v1.CountReply\x12\x37\n\x05Stats\x12\x17.kvtier.v1.StatsRequest\x1a\x15.kvtier.v1.StatsReply\x12:\n\x06Health\x12\x18.kvtier.v1.HealthRequest\x1a\x16.kvtier.v1.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvtier.v1.tier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GROUPKIND']._serialized_start=1317
-  _globals['_GROUPKIND']._serialized_end=1382
+  _globals['_GROUPKIND']._serialized_start=1345
+  _globals['_GROUPKIND']._serialized_end=1410
   _globals['_GROUPQUERY']._serialized_start=35
   _globals['_GROUPQUERY']._serialized_end=127
   _globals['_LOOKUPREQUEST']._serialized_start=130
@@ -42,41 +42,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BOUNDARYDETAIL']._serialized_start=409
   _globals['_BOUNDARYDETAIL']._serialized_end=504
   _globals['_LOOKUPREPLY']._serialized_start=506
-  _globals['_LOOKUPREPLY']._serialized_end=597
-  _globals['_GETREQUEST']._serialized_start=599
-  _globals['_GETREQUEST']._serialized_end=646
-  _globals['_GETCHUNK']._serialized_start=648
-  _globals['_GETCHUNK']._serialized_end=687
-  _globals['_PUTITEM']._serialized_start=689
-  _globals['_PUTITEM']._serialized_end=742
-  _globals['_PUTBATCH']._serialized_start=744
-  _globals['_PUTBATCH']._serialized_end=789
-  _globals['_PUTREPLY']._serialized_start=791
-  _globals['_PUTREPLY']._serialized_end=817
-  _globals['_KEYSREQUEST']._serialized_start=819
-  _globals['_KEYSREQUEST']._serialized_end=846
-  _globals['_CONTAINSREPLY']._serialized_start=848
-  _globals['_CONTAINSREPLY']._serialized_end=880
-  _globals['_COUNTREPLY']._serialized_start=882
-  _globals['_COUNTREPLY']._serialized_end=909
-  _globals['_PINREQUEST']._serialized_start=911
-  _globals['_PINREQUEST']._serialized_end=953
-  _globals['_SCANREQUEST']._serialized_start=955
-  _globals['_SCANREQUEST']._serialized_end=999
-  _globals['_SCANENTRY']._serialized_start=1001
-  _globals['_SCANENTRY']._serialized_end=1073
-  _globals['_SCANREPLY']._serialized_start=1075
-  _globals['_SCANREPLY']._serialized_end=1125
-  _globals['_FLUSHREQUEST']._serialized_start=1127
-  _globals['_FLUSHREQUEST']._serialized_end=1157
-  _globals['_STATSREQUEST']._serialized_start=1159
-  _globals['_STATSREQUEST']._serialized_end=1173
-  _globals['_STATSREPLY']._serialized_start=1175
-  _globals['_STATSREPLY']._serialized_end=1201
-  _globals['_HEALTHREQUEST']._serialized_start=1203
-  _globals['_HEALTHREQUEST']._serialized_end=1218
-  _globals['_HEALTHREPLY']._serialized_start=1220
-  _globals['_HEALTHREPLY']._serialized_end=1315
-  _globals['_TIER']._serialized_start=1385
-  _globals['_TIER']._serialized_end=1955
+  _globals['_LOOKUPREPLY']._serialized_end=625
+  _globals['_GETREQUEST']._serialized_start=627
+  _globals['_GETREQUEST']._serialized_end=674
+  _globals['_GETCHUNK']._serialized_start=676
+  _globals['_GETCHUNK']._serialized_end=715
+  _globals['_PUTITEM']._serialized_start=717
+  _globals['_PUTITEM']._serialized_end=770
+  _globals['_PUTBATCH']._serialized_start=772
+  _globals['_PUTBATCH']._serialized_end=817
+  _globals['_PUTREPLY']._serialized_start=819
+  _globals['_PUTREPLY']._serialized_end=845
+  _globals['_KEYSREQUEST']._serialized_start=847
+  _globals['_KEYSREQUEST']._serialized_end=874
+  _globals['_CONTAINSREPLY']._serialized_start=876
+  _globals['_CONTAINSREPLY']._serialized_end=908
+  _globals['_COUNTREPLY']._serialized_start=910
+  _globals['_COUNTREPLY']._serialized_end=937
+  _globals['_PINREQUEST']._serialized_start=939
+  _globals['_PINREQUEST']._serialized_end=981
+  _globals['_SCANREQUEST']._serialized_start=983
+  _globals['_SCANREQUEST']._serialized_end=1027
+  _globals['_SCANENTRY']._serialized_start=1029
+  _globals['_SCANENTRY']._serialized_end=1101
+  _globals['_SCANREPLY']._serialized_start=1103
+  _globals['_SCANREPLY']._serialized_end=1153
+  _globals['_FLUSHREQUEST']._serialized_start=1155
+  _globals['_FLUSHREQUEST']._serialized_end=1185
+  _globals['_STATSREQUEST']._serialized_start=1187
+  _globals['_STATSREQUEST']._serialized_end=1201
+  _globals['_STATSREPLY']._serialized_start=1203
+  _globals['_STATSREPLY']._serialized_end=1229
+  _globals['_HEALTHREQUEST']._serialized_start=1231
+  _globals['_HEALTHREQUEST']._serialized_end=1246
+  _globals['_HEALTHREPLY']._serialized_start=1248
+  _globals['_HEALTHREPLY']._serialized_end=1343
+  _globals['_TIER']._serialized_start=1413
+  _globals['_TIER']._serialized_end=1983
 # @@protoc_insertion_point(module_scope)

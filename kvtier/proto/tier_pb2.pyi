@@ -67,14 +67,16 @@ class BoundaryDetail(_message.Message):
     def __init__(self, boundary: _Optional[int] = ..., groups: _Optional[_Iterable[_Union[GroupPresence, _Mapping]]] = ..., prefix_ok: _Optional[bool] = ...) -> None: ...
 
 class LookupReply(_message.Message):
-    __slots__ = ("boundary", "reason", "details")
+    __slots__ = ("boundary", "reason", "details", "attention_boundary")
     BOUNDARY_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     DETAILS_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_BOUNDARY_FIELD_NUMBER: _ClassVar[int]
     boundary: int
     reason: str
     details: _containers.RepeatedCompositeFieldContainer[BoundaryDetail]
-    def __init__(self, boundary: _Optional[int] = ..., reason: _Optional[str] = ..., details: _Optional[_Iterable[_Union[BoundaryDetail, _Mapping]]] = ...) -> None: ...
+    attention_boundary: int
+    def __init__(self, boundary: _Optional[int] = ..., reason: _Optional[str] = ..., details: _Optional[_Iterable[_Union[BoundaryDetail, _Mapping]]] = ..., attention_boundary: _Optional[int] = ...) -> None: ...
 
 class GetRequest(_message.Message):
     __slots__ = ("keys", "chunk_bytes")
