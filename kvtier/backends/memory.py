@@ -156,6 +156,17 @@ class MemoryBackend(Backend):
                         self._policy.leaf(k)
         return n
 
+    def export(self) -> list[tuple[PutItem, bool]]:
+        """Every entry as (item with its live parent link, pinned), oldest first, without
+        touching recency or hit counts: what a snapshot writes (see backends/snapshot.py)."""
+        with self._lock:
+            out = []
+            for k, e in self._entries.items():
+                p = self._entries.get(e.parent) if e.parent is not None else None
+                parent = e.parent if p is not None and p.serial == e.parent_serial else None
+                out.append((PutItem(k, e.value, parent), e.pinned))
+            return out
+
     def stats(self) -> BackendStats:
         with self._lock:
             return BackendStats(
