@@ -95,6 +95,17 @@ class LookupResult:
     boundary: int  # deepest restorable boundary (>= start_boundary), 0 if none
     reason: StopReason
     details: list[BoundaryDetail] = field(default_factory=list)
+    # Deepest boundary with every attention block present (>= boundary). Deeper than
+    # ``boundary``: a junction, the prefix to there was shared but no state saved.
+    attention_boundary: int = 0
+
+    def __post_init__(self) -> None:
+        self.attention_boundary = max(self.attention_boundary, self.boundary)
+
+    @property
+    def junction(self) -> int | None:
+        """The fleet junction this lookup reveals, if any (a boundary past the hit)."""
+        return self.attention_boundary if self.attention_boundary > self.boundary else None
 
     def hit_hashes(self, query: LookupQuery) -> int:
         return self.boundary * query.hashes_per_boundary
@@ -138,11 +149,13 @@ def deepest_restorable(
                                    for j in range(n)]
     attention = [g.group_id for g in query.groups if g.kind is GroupKind.ATTENTION]
     states = [g.group_id for g in query.groups if g.kind is GroupKind.STATE]
-    best, prefix_ok, first_gap = start, True, None
+    best, attn, prefix_ok, first_gap = start, start, True, None
     details: list[BoundaryDetail] = []
     for j in range(n):
         b = start + 1 + j
         prefix_ok = prefix_ok and all(present[gid][j] for gid in attention)
+        if prefix_ok:
+            attn = b
         if prefix_ok and all(present[gid][j] for gid in states):
             best, first_gap = b, None
         elif first_gap is None:
@@ -152,4 +165,4 @@ def deepest_restorable(
                                           {gid: p[j] for gid, p in present.items()}, prefix_ok))
         elif not prefix_ok:
             break
-    return LookupResult(best, first_gap or StopReason.FULL, details)
+    return LookupResult(best, first_gap or StopReason.FULL, details, attention_boundary=attn)

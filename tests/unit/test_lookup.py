@@ -131,6 +131,17 @@ def test_missing_attention_at_the_start_gives_nothing_even_with_deep_states() ->
     assert (res.boundary, res.reason) == (0, StopReason.MISSING_ATTENTION)
 
 
+def test_attention_deeper_than_the_hit_is_a_junction() -> None:
+    """Another request shared the prefix to boundary 5 but saved its state only at 2."""
+    hs, s = _hashes(8), Store()
+    _fill(s, hs, 5, states_at=[2])
+    res = _run(s, _q(hs))
+    assert (res.boundary, res.attention_boundary, res.junction) == (2, 5, 5)
+    _fill(s, hs, 5, states_at=[5])
+    res = _run(s, _q(hs))
+    assert (res.boundary, res.attention_boundary, res.junction) == (5, 5, None)
+
+
 def test_reason_is_full_when_the_last_boundary_is_restorable_despite_gaps() -> None:
     hs, s = _hashes(5), Store()
     _fill(s, hs, 5, states_at=[1, 5])
@@ -344,6 +355,18 @@ def _reference(q: LookupQuery, keys: set[bytes]) -> tuple[int, StopReason]:
     return best, StopReason.MISSING_STATE if attn_ok(best + 1) else StopReason.MISSING_ATTENTION
 
 
+def _reference_attention(q: LookupQuery, keys: set[bytes]) -> int:
+    """Deepest boundary (>= start) with every attention block from start present."""
+    start, end = q.start_boundary, q.num_boundaries
+    attn = [g for g in q.groups if g.kind is GroupKind.ATTENTION]
+    best = start
+    for b in range(start + 1, end + 1):
+        if not all(q.key(g, i).encode() in keys for g in attn for i in q.blocks_at(g, b)):
+            break
+        best = b
+    return best
+
+
 @pytest.mark.parametrize("seed", range(60))
 def test_matches_brute_force_reference(seed: int) -> None:
     rng = random.Random(seed)
@@ -367,9 +390,11 @@ def test_matches_brute_force_reference(seed: int) -> None:
     q = _q(hs, groups=groups, hashes_per_boundary=hpbound, start_boundary=start,
            max_boundary=mx)
     want = _reference(q, s.keys)
+    want_attn = _reference_attention(q, s.keys)
     for details in (False, True):
         res = _run(s, q, with_details=details)
         assert (res.boundary, res.reason) == want
+        assert res.attention_boundary == want_attn
         assert s.last_calls == (0 if want[1] is StopReason.NOTHING_TO_LOOK_UP else 1)
         if details and want[1] is not StopReason.NOTHING_TO_LOOK_UP:
             assert len(res.details) == q.num_boundaries - start
