@@ -71,6 +71,11 @@ def serve(
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus /metrics port")] = None,
     bulk_port: Annotated[int, typer.Option(
         help="raw-TCP bulk read port (0: any free port; -1: off)")] = 0,
+    snapshot_dir: Annotated[str | None, typer.Option(
+        help="warm restart: load the memory store from this directory at start, "
+        "write it there on shutdown")] = None,
+    snapshot_interval: Annotated[float, typer.Option(
+        help="also snapshot every N seconds when the store changed (0: only on shutdown)")] = 0,
 ) -> None:
     """Run the tier server (the main job). The embedded in-memory store is the default."""
     import logging
@@ -82,7 +87,8 @@ def serve(
         cfg = load_config(ServerConfig, dict(
             host=host, port=port, capacity=capacity, backend=backend, redis_url=redis_url,
             eviction=eviction, metrics_port=metrics_port,
-            bulk_port=None if bulk_port < 0 else bulk_port))
+            bulk_port=None if bulk_port < 0 else bulk_port, snapshot_dir=snapshot_dir,
+            snapshot_interval_s=snapshot_interval))
     except ConfigError as e:
         fail(str(e), 2)
     try:
@@ -451,19 +457,19 @@ def bench(
     """Tier benchmarks, printed beside raw references measured in the same run."""
     results: dict[str, Any] = {}
     if which in ("grpc", "all"):
-        from kvtier.bench import run_grpc_bench
+        from kvtier.benches.grpc import run_grpc_bench
 
         results["grpc"] = run_grpc_bench(console=None if as_json else out)
     if which in ("redis", "all"):
-        from kvtier.bench_redis import run_redis_bench
+        from kvtier.benches.redis import run_redis_bench
 
         results["redis"] = run_redis_bench(redis_url) if redis_url else run_redis_bench()
     if which == "ttft":
-        from kvtier.bench_ttft import run_ttft_bench
+        from kvtier.benches.ttft import run_ttft_bench
 
         results["ttft"] = run_ttft_bench(console=None if as_json else out)
     if which == "pd":
-        from kvtier.bench_pd import run_pd_bench
+        from kvtier.benches.pd import run_pd_bench
 
         results["pd"] = run_pd_bench(console=None if as_json else out)
     if not results:

@@ -62,6 +62,12 @@ class ServerConfig(_Strict):
         0, ge=0, le=65535,
         description="raw-TCP bulk read port (0: any free port, advertised by Health; None: off)")
     max_workers: int = Field(8, ge=1, le=256)
+    snapshot_dir: str | None = Field(
+        None, description="memory store: load this directory's snapshot at start, write it on "
+        "shutdown (warm restart)")
+    snapshot_interval_s: float = Field(
+        0, ge=0, description="also snapshot every N seconds when the store changed (0: only on "
+        "shutdown)")
 
     @field_validator("capacity", mode="before")
     @classmethod
@@ -71,6 +77,9 @@ class ServerConfig(_Strict):
     def model_post_init(self, _ctx: Any) -> None:
         if self.backend == "redis" and not self.redis_url:
             raise ConfigError("--backend redis needs --redis-url (e.g. redis://127.0.0.1:6379/0)")
+        if self.backend == "redis" and self.snapshot_dir:
+            raise ConfigError("--snapshot-dir snapshots the memory store; Redis persists itself "
+                              "(RDB/AOF): drop --snapshot-dir or use --backend memory")
 
 
 class ConnectorConfig(_Strict):
