@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+if TYPE_CHECKING:
+    from kvtier.admission import AdmissionPolicy
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
           "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12,
@@ -96,11 +99,18 @@ class ConnectorConfig(_Strict):
         True, description="also save blocks and states written by decode (lets the next turn "
         "of a chat hit past this turn's prompt; such restores are equivalent to a cold prefill "
         "up to kernel rounding, not bit-identical)")
-    checkpoint_every: int = Field(
-        1, ge=0, le=1024,
-        description="end a prefill chunk (so a recurrent state is written and saved) every N "
-        "boundaries, so prompts that share only part of a prefix can hit; 0 keeps vLLM's own "
-        "checkpoints only (in practice the last boundary of each prompt)",
+    admission: str = Field(
+        "default",
+        description="which recurrent states to save and where prefill chunks end: default "
+        "(prompt end, decode, fleet junctions, sparse periodic; vLLM's own chunking on a "
+        "miss), prompt_end, marconi or dense (see kvtier/admission)")
+    admission_params: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of the admission policy")
+    checkpoint_every: int | None = Field(
+        None, ge=0, le=1024,
+        description="shorthand for admission=dense with every=N: end a prefill chunk (so a "
+        "state is written and saved) every N boundaries; 0 saves every state vLLM writes "
+        "without moving a chunk end. Not neutral: forced chunk ends change vLLM's arithmetic",
     )
     handoff_wait_s: float = Field(
         1.0, ge=0, le=600,
@@ -116,6 +126,26 @@ class ConnectorConfig(_Strict):
     @classmethod
     def _url(cls, v: str) -> str:
         return check_tier_url(v)
+
+    def model_post_init(self, _ctx: Any) -> None:
+        if self.checkpoint_every is not None and self.admission not in ("default", "dense"):
+            raise ConfigError(
+                f"checkpoint_every selects admission=dense; it cannot be combined with "
+                f"admission={self.admission!r} (drop one of them)")
+        self.admission_policy()  # a bad name or parameter fails here, not in the engine
+
+    def admission_policy(self) -> AdmissionPolicy:
+        """The configured policy; ``checkpoint_every=N`` means ``dense`` with ``every=N``."""
+        from kvtier.admission import make_admission
+
+        name, params = self.admission, dict(self.admission_params)
+        if self.checkpoint_every is not None:
+            name = "dense"
+            params.setdefault("every", self.checkpoint_every)
+        try:
+            return make_admission(name, **params)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"admission={name!r} with {params}: {e}") from None
 
 
 def load_config(cls: type[_Strict], data: dict[str, Any] | None) -> Any:

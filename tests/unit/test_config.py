@@ -96,7 +96,9 @@ def test_connector_config_defaults() -> None:
     c = ConnectorConfig()
     assert c.tier_url == "grpc://127.0.0.1:7070"
     assert (c.tenant, c.timeout_s, c.retry_after_s) == ("", 2.0, 5.0)
-    assert (c.save, c.load, c.save_queue_blocks, c.checkpoint_every) == (True, True, 4096, 1)
+    assert (c.save, c.load, c.save_queue_blocks, c.checkpoint_every) == (True, True, 4096, None)
+    assert (c.admission, c.admission_params, c.admission_policy().name) == ("default", {},
+                                                                             "default")
     assert (c.metrics_port, c.model_id) == (None, None)
 
 
@@ -195,6 +197,31 @@ def test_connector_bad_values_name_the_field(data: dict, field: str) -> None:
     msg = _error(ConnectorConfig, data)
     assert msg.startswith("invalid ConnectorConfig:")
     assert f"{field}:" in msg
+
+
+def test_checkpoint_every_selects_dense_with_that_period() -> None:
+    for n in (0, 1, 3):
+        p = load_config(ConnectorConfig, {"checkpoint_every": n}).admission_policy()
+        assert (p.name, p.every) == ("dense", n)
+    p = load_config(ConnectorConfig, {"admission": "dense",
+                                      "admission_params": {"every": 4}}).admission_policy()
+    assert (p.name, p.every) == ("dense", 4)
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        ({"admission": "lru"}, ["unknown admission policy 'lru'", "marconi", "prompt_end"]),
+        ({"admission": "dense", "admission_params": {"evry": 2}}, ["evry"]),
+        ({"admission": "dense", "admission_params": {"every": -1}}, ["every must be >= 0"]),
+        ({"admission": "marconi", "checkpoint_every": 2}, ["checkpoint_every", "marconi"]),
+    ],
+)
+def test_bad_admission_is_a_clear_config_error(data: dict, words: list[str]) -> None:
+    msg = _error(ConnectorConfig, data)
+    assert msg.startswith("invalid ConnectorConfig:")
+    for w in words:
+        assert w in msg
 
 
 def test_connector_tier_url_scheme_check_lists_schemes() -> None:
