@@ -11,12 +11,24 @@ from __future__ import annotations
 import heapq
 import itertools
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class EntryMeta:
+    """What the store knows of an entry it just stored (for value-aware policies)."""
+
+    size: int
+    parent: bytes | None  # the key the writer says this one extends (stored or not)
 
 
 class EvictionPolicy(ABC):
     """Tracks evictable leaves; the store tells it when keys become/stop being leaves."""
 
     name = "abstract"
+
+    def added(self, key: bytes, meta: EntryMeta) -> None:  # noqa: B027 - optional hook
+        """``key`` was stored (or its value replaced), before its ``touched``."""
 
     @abstractmethod
     def leaf(self, key: bytes) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from kvtier.backends.base import Backend, BackendStats, EntryInfo, PutItem
-from kvtier.backends.eviction import EvictionPolicy, make_policy
+from kvtier.backends.eviction import EntryMeta, EvictionPolicy, make_policy
 from kvtier.payload import REFUSE, REPLACE, put_verdict
 
 
@@ -105,6 +105,7 @@ class MemoryBackend(Backend):
                 self._entries[it.key] = _Entry(it.value, parent, serial=next(self._serials),
                                                parent_serial=parent_serial)
                 self._used += size
+                self._policy.added(it.key, EntryMeta(size, it.parent))
                 self._policy.touched(it.key)
                 self._puts += 1
                 stored += 1
@@ -135,6 +136,7 @@ class MemoryBackend(Backend):
             self._unlink(e.parent, e.parent_serial)
         e.value, e.parent, e.parent_serial = it.value, parent, parent_serial
         self._used += grow
+        self._policy.added(it.key, EntryMeta(len(it.value), it.parent))
         self._policy.touched(it.key)
         self._puts += 1
         self._replaced += 1
