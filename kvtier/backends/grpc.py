@@ -1,7 +1,7 @@
 """Client of a ``kvtier serve`` tier server, as a :class:`Backend`.
 
 Lookups are answered by the server in one round trip. Bulk reads land in one
-preallocated buffer (anonymous memory, see :func:`kvtier.server.bulk.alloc_buffer`)
+preallocated buffer (anonymous memory, see :func:`kvtier.transport.tcp_bulk.alloc_buffer`)
 and come back as ``memoryview`` slices of it, not ``bytes``: no per-value copy,
 and :func:`kvtier.payload.decode` takes them as they are. They
 go over the server's raw-TCP bulk port when it advertises one, else over gRPC
@@ -30,21 +30,12 @@ from kvtier.backends.base import Backend, BackendError, BackendStats, EntryInfo,
 from kvtier.lookup import BoundaryDetail, GroupKind, LookupQuery, LookupResult, StopReason
 from kvtier.proto import tier_pb2 as pb
 from kvtier.proto import tier_pb2_grpc as pb_grpc
-from kvtier.server import bulk
-from kvtier.server.grpc_server import GRPC_OPTIONS, split_data_chunk
+from kvtier.transport import tcp_bulk as bulk
+from kvtier.transport.grpc_channel import CLIENT_OPTIONS, identity, split_data_chunk
 
 PUT_BATCH_BYTES = 8 << 20
 log = logging.getLogger("kvtier.grpc")
 _KIND = {GroupKind.ATTENTION: pb.ATTENTION, GroupKind.STATE: pb.STATE}
-
-
-# A tier that was unreachable is retried within seconds, not gRPC's default minutes.
-CLIENT_OPTIONS = [*GRPC_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 500),
-                  ("grpc.min_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 2000)]
-
-
-def _identity(b: bytes) -> bytes:
-    return b
 
 
 class _BulkFailed(Exception):
@@ -86,7 +77,7 @@ class GrpcBackend(Backend):
         # Bulk chunks arrive as raw serialized messages; framing is parsed by hand.
         self._get_raw = self._channel.unary_stream(
             "/kvtier.v1.Tier/Get", request_serializer=pb.GetRequest.SerializeToString,
-            response_deserializer=_identity)
+            response_deserializer=identity)
         self._pool = ThreadPoolExecutor(max_workers=self.streams, thread_name_prefix="kvtier-get")
         self._use_bulk = bulk
         self._reuse_buffer = reuse_buffer
@@ -138,7 +129,8 @@ class GrpcBackend(Backend):
         details = [BoundaryDetail(d.boundary, d.boundary * query.hashes_per_boundary,
                                   {g.group_id: g.present for g in d.groups}, d.prefix_ok)
                    for d in r.details]
-        return LookupResult(r.boundary, StopReason(r.reason), details)
+        return LookupResult(r.boundary, StopReason(r.reason), details,
+                            attention_boundary=r.attention_boundary)
 
     # -- bulk reads ------------------------------------------------------------------
     def _get_one_stream(self, keys: Sequence[bytes], timeout_s: float) -> list[memoryview | None]:

@@ -1,6 +1,6 @@
 """Tier benchmarks, each printed beside a reference measured in the same run.
 
-``python -m kvtier.bench grpc`` (or ``kvtier bench grpc``):
+``python -m kvtier.benches.grpc`` (or ``kvtier bench grpc``):
 - fetch of a ~64 MiB hybrid prefix (attention blocks up to the boundary plus
   the recurrent states at it) from a ``kvtier serve`` in another process, vs a
   raw loopback TCP socket, also in another process, sending the same bytes;
@@ -66,7 +66,7 @@ class _RawSource:
 
     def __init__(self, nbytes: int, repeats: int):
         self.nbytes, self.port = nbytes, free_port()
-        self.proc = subprocess.Popen([sys.executable, "-m", "kvtier.bench", "_rawsend",
+        self.proc = subprocess.Popen([sys.executable, "-m", "kvtier.benches.grpc", "_rawsend",
                                       str(self.port), str(nbytes), str(repeats)])
         self.view = memoryview(bytearray(nbytes))
 
@@ -206,15 +206,7 @@ def main(argv: list[str]) -> None:
         return
     from rich.console import Console
 
-    which = argv[0] if argv else "grpc"
-    if which == "grpc":
-        run_grpc_bench(Console())
-    elif which == "redis":
-        from kvtier.bench_redis import main as redis_main
-
-        redis_main(argv[1:])
-    else:
-        raise SystemExit(f"unknown benchmark {which!r}: grpc or redis")
+    run_grpc_bench(Console())
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """PD time to first token as a client sees it, through ``kvtier router``, in one run.
 
-``python -m kvtier.bench_pd [PROMPT_TOKENS]`` (or ``kvtier bench pd``) builds the
+``python -m kvtier.benches.pd [PROMPT_TOKENS]`` (or ``kvtier bench pd``) builds the
 bench-size random-weight hybrid model and starts a tier, a prefill API server
 (``kv_producer``), a decode API server (``kv_consumer``) and the router, all real
 processes. For fresh ~8K-token prompts it measures, streaming, the time to the

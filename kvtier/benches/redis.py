@@ -7,8 +7,8 @@ pipeline of GETs built with the very same connection settings. Runs are
 interleaved (alternating who goes first) and the ratio is the median of the
 per-round ratios, so load from other processes hits both sides alike. The goal is a ratio >= 0.9.
 
-    python -m kvtier.bench_redis                       # own standalone + 3-node cluster
-    python -m kvtier.bench_redis --url redis://h:6379 --url redis+cluster://h1:7000,h2:7001
+    python -m kvtier.benches.redis                       # own standalone + 3-node cluster
+    python -m kvtier.benches.redis --url redis://h:6379 --url redis+cluster://h1:7000,h2:7001
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rich.console import Console
 
     ap = argparse.ArgumentParser(
-        prog="python -m kvtier.bench_redis", description=(__doc__ or "").split("\n")[0]
+        prog="python -m kvtier.benches.redis", description=(__doc__ or "").split("\n")[0]
     )
     ap.add_argument(
         "--url", action="append", help="tier url (repeatable); default: start own servers"

@@ -1,6 +1,6 @@
 """Time to first token: cold recompute vs a restore from the tier, in one run.
 
-``python -m kvtier.bench_ttft`` (or ``kvtier bench ttft``) builds the bench-size
+``python -m kvtier.benches.ttft`` (or ``kvtier bench ttft``) builds the bench-size
 random-weight hybrid model, starts a tier server and three engines in their own
 processes (cold: no connector; node A: saves; node B: restores), and times an
 ~8K-token prompt with one output token:

@@ -22,86 +22,26 @@ from kvtier import __version__
 from kvtier.backends import Backend, BackendError, open_backend
 from kvtier.backends.base import PutItem
 from kvtier.config import ServerConfig
-from kvtier.keys import NAMESPACE_BYTES, BlockKey, is_manifest_key
+from kvtier.keys import NAMESPACE_BYTES
 from kvtier.lookup import GroupKind, GroupQuery, LookupQuery
 from kvtier.proto import tier_pb2 as pb
 from kvtier.proto import tier_pb2_grpc as pb_grpc
+from kvtier.transport.grpc_channel import (
+    DEFAULT_CHUNK,
+    GRPC_OPTIONS,
+    MAX_MESSAGE,
+    data_chunk,
+    identity,
+)
+from kvtier.transport.validation import MAX_VALUE, BadRequest, check_keys
 
 if TYPE_CHECKING:
-    from kvtier.server.bulk import BulkServer
+    from kvtier.transport.tcp_bulk import BulkServer
 
 log = logging.getLogger("kvtier.server")
 
-MAX_MESSAGE = 512 << 20
-DEFAULT_CHUNK = 4 << 20
-MAX_VALUE = 256 << 20
-MAX_KEYS = 1 << 20
 MAX_HASHES = 1 << 22  # 64M tokens at 16-token hashes: anything larger is a client bug
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE),
-    ("grpc.max_receive_message_length", MAX_MESSAGE),
-    ("grpc.http2.max_frame_size", 16 << 20),
-    ("grpc.http2.bdp_probe", 1),
-]
 _KINDS = {pb.ATTENTION: GroupKind.ATTENTION, pb.STATE: GroupKind.STATE}
-
-
-def _identity(b: bytes) -> bytes:
-    return b
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-_DATA_TAG = bytes([(2 << 3) | 2])  # GetChunk.data: field 2, length-delimited
-
-
-def data_chunk(parts: list[memoryview], nbytes: int) -> bytes:
-    """A serialized ``GetChunk(data=...)``, built with one copy of the payload bytes."""
-    return b"".join([_DATA_TAG, _varint(nbytes), *parts])
-
-
-def split_data_chunk(raw: bytes) -> memoryview:
-    """The ``data`` bytes of a serialized data-only GetChunk, without copying."""
-    mv = memoryview(raw)
-    if not raw or raw[0] != _DATA_TAG[0]:
-        raise ValueError("not a data chunk")
-    n, shift, i = 0, 0, 1
-    while True:
-        b = raw[i]
-        n |= (b & 0x7F) << shift
-        i += 1
-        if not b & 0x80:
-            break
-        shift += 7
-    if len(raw) - i != n:
-        raise ValueError("truncated data chunk")
-    return mv[i:]
-
-
-class BadRequest(ValueError):
-    """Client error: reported as INVALID_ARGUMENT."""
-
-
-def _check_keys(keys: list[bytes]) -> list[bytes]:
-    if len(keys) > MAX_KEYS:
-        raise BadRequest(f"too many keys in one call ({len(keys)} > {MAX_KEYS}); batch them")
-    for k in keys:
-        if not is_manifest_key(k):
-            try:
-                BlockKey.decode(k)
-            except ValueError as e:
-                raise BadRequest(str(e)) from None
-    return keys
 
 
 class PackedHashes(Sequence[bytes]):
@@ -191,7 +131,8 @@ class TierServicer(pb_grpc.TierServicer):
     def Lookup(self, request, context):  # noqa: N802
         def run() -> pb.LookupReply:
             res = self.backend.lookup(lookup_query(request), with_details=request.with_details)
-            reply = pb.LookupReply(boundary=res.boundary, reason=res.reason.value)
+            reply = pb.LookupReply(boundary=res.boundary, reason=res.reason.value,
+                                  attention_boundary=res.attention_boundary)
             for d in res.details:
                 reply.details.add(boundary=d.boundary, prefix_ok=d.prefix_ok, groups=[
                     pb.GroupPresence(group_id=g, present=p) for g, p in d.present.items()])
@@ -204,7 +145,7 @@ class TierServicer(pb_grpc.TierServicer):
         bytes are framed by hand instead of copied through protobuf."""
         chunk = request.chunk_bytes or DEFAULT_CHUNK
         values = self._guard(context, "get", lambda: (
-            self._check_chunk(chunk), self.backend.get_many(_check_keys(list(request.keys))))[1])
+            self._check_chunk(chunk), self.backend.get_many(check_keys(list(request.keys))))[1])
         sizes = [-1 if v is None else len(v) for v in values]
         if self.metrics is not None:
             self.metrics.moved("out", sum(s for s in sizes if s > 0))
@@ -239,11 +180,11 @@ class TierServicer(pb_grpc.TierServicer):
             for batch in request_iterator:
                 items = []
                 for it in batch.items:
-                    _check_keys([it.key])
+                    check_keys([it.key])
                     if len(it.value) > MAX_VALUE:
                         raise BadRequest(f"value of {len(it.value)} bytes exceeds {MAX_VALUE}")
                     if it.parent:
-                        _check_keys([it.parent])
+                        check_keys([it.parent])
                     items.append(PutItem(it.key, it.value, it.parent or None))
                     nbytes += len(it.value)
                 stored += self.backend.put_many(items)
@@ -255,15 +196,15 @@ class TierServicer(pb_grpc.TierServicer):
 
     def Contains(self, request, context):  # noqa: N802
         return self._guard(context, "contains", lambda: pb.ContainsReply(
-            present=self.backend.contains_many(_check_keys(list(request.keys)))))
+            present=self.backend.contains_many(check_keys(list(request.keys)))))
 
     def Delete(self, request, context):  # noqa: N802
         return self._guard(context, "delete", lambda: pb.CountReply(
-            count=self.backend.delete_many(_check_keys(list(request.keys)))))
+            count=self.backend.delete_many(check_keys(list(request.keys)))))
 
     def Pin(self, request, context):  # noqa: N802
         return self._guard(context, "pin", lambda: pb.CountReply(
-            count=self.backend.pin(_check_keys(list(request.keys)), request.pinned)))
+            count=self.backend.pin(check_keys(list(request.keys)), request.pinned)))
 
     def Scan(self, request, context):  # noqa: N802
         def run() -> pb.ScanReply:
@@ -318,7 +259,7 @@ def method_handlers(servicer: TierServicer) -> grpc.GenericRpcHandler:
         make = factories[(m.client_streaming, m.server_streaming)]
         handlers[m.name] = make(
             getattr(servicer, m.name), request_deserializer=req_cls.FromString,
-            response_serializer=_identity if m.name == "Get" else resp_cls.SerializeToString)
+            response_serializer=identity if m.name == "Get" else resp_cls.SerializeToString)
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
@@ -356,7 +297,7 @@ def serve(config: ServerConfig, backend: Backend | None = None) -> tuple[grpc.Se
         raise OSError(f"cannot listen on {config.host}:{config.port} (in use?)")
     bulk = None
     if config.bulk_port is not None:
-        from kvtier.server.bulk import BulkServer
+        from kvtier.transport.tcp_bulk import BulkServer
 
         bulk = BulkServer(backend, config.host, config.bulk_port, metrics).start()
     servicer = TierServicer(backend, metrics, bulk)

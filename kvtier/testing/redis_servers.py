@@ -7,7 +7,7 @@ survive. Helpers cover a standalone server, a 3-master cluster, an ACL server
 with a CA, server and client certificates generated on the fly.
 
 It lives in the package (not only under ``tests/``) so that
-``python -m kvtier.bench_redis`` can start its own servers; the test suite
+``python -m kvtier.benches.redis`` can start its own servers; the test suite
 imports it through ``tests/helpers/redis_servers.py``.
 """
 

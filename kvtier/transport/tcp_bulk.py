@@ -1,4 +1,4 @@
-"""The bulk data plane: batched reads over a plain TCP connection.
+"""The bulk data plane: batched reads over a plain TCP connection (server and client reader).
 
 gRPC in Python copies every chunk several times on its way through the C core
 and protobuf; for the multi-megabyte reads a prefix restore needs, the tier
@@ -29,11 +29,10 @@ import time
 from collections.abc import Callable, Sequence
 
 from kvtier.backends.base import Backend, BackendError
-from kvtier.server.grpc_server import BadRequest, _check_keys
+from kvtier.transport.validation import MAX_KEYS, BadRequest, check_keys
 
 log = logging.getLogger("kvtier.bulk")
 REQ_MAGIC, RESP_MAGIC, ERR_MAGIC = b"KVTG", b"KVTR", b"KVTE"
-MAX_KEYS = 1 << 20
 MAX_ERROR = 64 << 10
 IOV_BATCH = 512
 
@@ -198,7 +197,7 @@ class _Handler(socketserver.BaseRequestHandler):
             # finds it in the metrics (no scrape race).
             t0 = time.perf_counter()
             try:
-                values = backend.get_many(_check_keys(keys))
+                values = backend.get_many(check_keys(keys))
             except (BadRequest, BackendError) as e:
                 # Same answer as gRPC's INVALID_ARGUMENT / UNAVAILABLE; the stream stays in sync.
                 code = "INVALID_ARGUMENT" if isinstance(e, BadRequest) else "UNAVAILABLE"

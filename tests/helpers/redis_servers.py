@@ -1,7 +1,7 @@
 """Test-side entry point for real ``redis-server`` processes.
 
 The implementation lives in :mod:`kvtier.testing.redis_servers` so that the
-benchmark (``python -m kvtier.bench_redis``) can start servers too.
+benchmark (``python -m kvtier.benches.redis``) can start servers too.
 """
 
 from kvtier.testing.redis_servers import (  # noqa: F401 - re-exported for tests

@@ -19,7 +19,7 @@ from kvtier.backends.memory import MemoryBackend
 from kvtier.keys import BlockKey
 from kvtier.proto import tier_pb2 as pb
 from kvtier.proto import tier_pb2_grpc as pb_grpc
-from kvtier.server import bulk
+from kvtier.transport import tcp_bulk as bulk
 from tests.helpers.servers import TierProcess
 
 LAYOUT = payload.layout_digest("test-bulk-plane")

@@ -596,7 +596,7 @@ def test_bad_urls_say_what_to_fix(url, kw, fix):
 
 
 def test_bench_runs_against_a_given_url(redis_target):
-    from kvtier.bench_redis import run_redis_bench
+    from kvtier.benches.redis import run_redis_bench
 
     out = run_redis_bench(redis_target.url, total_bytes=2 << 20, rounds=2)
     (r,) = out["results"]

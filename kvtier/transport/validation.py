@@ -1,0 +1,29 @@
+"""Checks on what a client sends, shared by every transport the server speaks.
+
+A malformed key is the client's fault (``INVALID_ARGUMENT`` on gRPC, a refusal
+frame on the bulk port), never a reason to touch the store.
+"""
+
+from __future__ import annotations
+
+from kvtier.keys import BlockKey, is_manifest_key
+
+MAX_KEYS = 1 << 20
+MAX_VALUE = 256 << 20
+
+
+class BadRequest(ValueError):
+    """Client error: reported as INVALID_ARGUMENT."""
+
+
+def check_keys(keys: list[bytes]) -> list[bytes]:
+    """``keys`` unchanged if each is a block or manifest key and there are not too many."""
+    if len(keys) > MAX_KEYS:
+        raise BadRequest(f"too many keys in one call ({len(keys)} > {MAX_KEYS}); batch them")
+    for k in keys:
+        if not is_manifest_key(k):
+            try:
+                BlockKey.decode(k)
+            except ValueError as e:
+                raise BadRequest(str(e)) from None
+    return keys
