@@ -95,7 +95,129 @@ class LeafFIFO(LeafLRU):
             super().touched(key)
 
 
-POLICIES: dict[str, type[EvictionPolicy]] = {p.name: p for p in (LeafLRU, LeafFIFO)}
+def _group(key: bytes) -> bytes | None:
+    """The KV-cache group field of a kvtier block key (None for other keys)."""
+    parts = key.split(b":")
+    return parts[3] if len(parts) == 5 else None
+
+
+@dataclass(slots=True)
+class _Value:
+    size: int
+    parent: bytes | None
+    state: bool
+    depth: int  # boundaries of prefix this entry restores (a state: its boundary)
+    hits: int = 0
+    base: float = 0.0  # the inflation L when it was last touched (GDSF aging)
+    version: int = 0
+
+
+class LeafValue(EvictionPolicy):
+    """Evict the leaf with the least expected recompute saved per byte (GreedyDual-Size-
+    Frequency): priority = L + depth x (1 + hits) x kind / MiB, where L is the priority of
+    the last victim, so untouched entries age behind fresh ones (recency).
+
+    Kind: a recurrent state is what a hit lands on; one that sits mid-chain (the
+    prefix continues past it in the store) and was never hit is worth ``mid_chain``
+    of a chain-end state; an attention leaf (a chain's tail without a state) is
+    worth ``attention`` (it only marks a prefix the fleet shares, a junction).
+    A state is told apart by its writer-declared parent being in another group
+    (states hang off the attention block at their boundary; attention blocks off
+    the previous block of their own group).
+    """
+
+    name = "value"
+
+    def __init__(self, mid_chain: float = 0.25, attention: float = 0.5) -> None:
+        self.mid_chain, self.attention = mid_chain, attention
+        self._meta: dict[bytes, _Value] = {}
+        self._chain_children: dict[bytes, int] = {}  # attention key -> attention children
+        self._states_on: dict[bytes, set[bytes]] = {}  # attention key -> states on it
+        self._heap: list[tuple[float, int, int, bytes]] = []
+        self._seq = itertools.count()
+        self._inflation = 0.0
+
+    def added(self, key: bytes, meta: EntryMeta) -> None:
+        self._drop(key)
+        p = self._meta.get(meta.parent) if meta.parent is not None else None
+        state = meta.parent is not None and _group(meta.parent) != _group(key)
+        depth = (p.depth if p else 1) if state else (p.depth + 1 if p else 1)
+        self._meta[key] = _Value(meta.size, meta.parent, state, depth, hits=-1)
+        if meta.parent is None:
+            return
+        if state:
+            self._states_on.setdefault(meta.parent, set()).add(key)
+            return
+        self._chain_children[meta.parent] = self._chain_children.get(meta.parent, 0) + 1
+        for s in self._states_on.get(meta.parent, ()):  # now mid-chain: worth less
+            if s in self._meta:
+                self._push(s, self._meta[s])
+
+    def touched(self, key: bytes) -> None:
+        m = self._meta.get(key)
+        if m is None:  # a store that does not call added(): a leaf of unknown shape
+            m = self._meta[key] = _Value(1, None, False, 1, hits=-1)
+        m.hits += 1
+        m.base = self._inflation
+        self._push(key, m)
+
+    def leaf(self, key: bytes) -> None:
+        m = self._meta.get(key)
+        if m is None:
+            self.touched(key)
+        else:
+            self._push(key, m)
+
+    def forget(self, key: bytes) -> None:
+        self._drop(key)
+        self._states_on.pop(key, None)
+
+    def priority(self, key: bytes) -> float:
+        m = self._meta[key]
+        if m.state:
+            mid = m.hits == 0 and self._chain_children.get(m.parent, 0) > 0  # type: ignore[arg-type]
+            kind = self.mid_chain if mid else 1.0
+        else:
+            kind = self.attention
+        return m.base + m.depth * (1 + max(m.hits, 0)) * kind / max(m.size / (1 << 20), 1e-6)
+
+    def victim(self, is_leaf) -> bytes | None:  # noqa: ANN001
+        while self._heap:
+            prio, _, version, key = heapq.heappop(self._heap)
+            m = self._meta.get(key)
+            if m is None or m.version != version or not is_leaf(key):
+                continue
+            now = self.priority(key)
+            if now > prio + 1e-12:  # grew since pushed (e.g. its chain was cut): re-queue
+                self._push(key, m)
+                continue
+            self._inflation = max(self._inflation, now)
+            return key
+        return None
+
+    def _push(self, key: bytes, m: _Value) -> None:
+        m.version += 1
+        heapq.heappush(self._heap, (self.priority(key), next(self._seq), m.version, key))
+        if len(self._heap) > 4 * len(self._meta) + 1024:
+            self._heap = [(self.priority(k), next(self._seq), v.version, k)
+                          for k, v in self._meta.items()]
+            heapq.heapify(self._heap)
+
+    def _drop(self, key: bytes) -> None:
+        m = self._meta.pop(key, None)
+        if m is not None and m.state and m.parent in self._states_on:
+            self._states_on[m.parent].discard(key)
+        elif m is not None and not m.state and m.parent is not None:
+            n = self._chain_children.get(m.parent, 0) - 1
+            if n > 0:
+                self._chain_children[m.parent] = n
+            else:
+                self._chain_children.pop(m.parent, None)
+
+
+POLICIES: dict[str, type[EvictionPolicy]] = {
+    p.name: p for p in (LeafLRU, LeafFIFO, LeafValue)
+}
 
 
 def make_policy(name: str) -> EvictionPolicy:

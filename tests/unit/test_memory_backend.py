@@ -231,7 +231,7 @@ def test_policy_instance_accepted() -> None:
     b = MemoryBackend(2 * UNIT, policy=LeafFIFO())
     assert b.stats().extra["policy"] == "fifo"
     assert isinstance(make_policy("lru"), LeafLRU)
-    assert set(POLICIES) == {"lru", "fifo"}
+    assert set(POLICIES) == {"lru", "fifo", "value"}
 
 
 def test_unknown_policy_lists_choices() -> None:

@@ -1,0 +1,105 @@
+"""Eviction by value: deep, hot and chain-end states outlive what LRU would keep instead."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvtier.backends.base import PutItem
+from kvtier.backends.eviction import LeafValue, make_policy
+from kvtier.backends.memory import MemoryBackend
+from kvtier.keys import BlockKey
+
+MIB = 1 << 20
+NS = bytes(16)
+ATTN, STATE = 0, 1
+
+
+def key(group: int, name: str) -> bytes:
+    return BlockKey(NS, 0, group, name.encode()).encode()
+
+
+def chain(name: str, depth: int, states: tuple[int, ...]) -> list[PutItem]:
+    """Attention blocks 1..depth (1 MiB each) and 3 MiB states at the given boundaries."""
+    items, parent = [], None
+    for b in range(1, depth + 1):
+        a = key(ATTN, f"{name}{b}")
+        items.append(PutItem(a, b"a" * MIB, parent))
+        if b in states:
+            items.append(PutItem(key(STATE, f"{name}{b}"), b"s" * (3 * MIB), a))
+        parent = a
+    return items
+
+
+def survivors(policy: str, capacity_mib: int, *steps) -> set[str]:  # noqa: ANN002
+    store = MemoryBackend(capacity_mib * MIB, policy=policy)
+    for step in steps:
+        step(store)
+    return {BlockKey.decode(e.key).block_hash.decode() + ("s" if BlockKey.decode(e.key).group
+                                                          else "") for e in store.scan()}
+
+
+def put(items: list[PutItem]):  # noqa: ANN201
+    return lambda store: store.put_many(items)
+
+
+def read(*keys: bytes):  # noqa: ANN201
+    return lambda store: store.get_many(list(keys))
+
+
+@pytest.mark.parametrize("policy", ["lru", "value"])
+def test_deep_state_outlives_a_newer_shallow_one(policy: str) -> None:
+    kept = survivors(policy, 14, put(chain("A", 4, (4,))), put(chain("B", 1, (1,))),
+                     put(chain("C", 1, (1,))))
+    assert "C1s" in kept
+    if policy == "lru":
+        assert "A4s" not in kept and "B1s" in kept  # LRU drops the oldest: the deep one
+    else:
+        assert "A4s" in kept and "B1s" not in kept
+
+
+@pytest.mark.parametrize("policy", ["lru", "value"])
+def test_hot_state_outlives_newer_cold_ones(policy: str) -> None:
+    hot = key(STATE, "X1")
+    kept = survivors(policy, 12, put(chain("X", 1, (1,))), read(hot), read(hot), read(hot),
+                     put(chain("Y", 1, (1,))), put(chain("Z", 1, (1,))),
+                     put(chain("W", 1, (1,))))
+    assert ("X1s" in kept) == (policy == "value")
+    assert "W1s" in kept
+
+
+@pytest.mark.parametrize("policy", ["lru", "value"])
+def test_mid_chain_state_goes_before_a_chain_end_state(policy: str) -> None:
+    kept = survivors(policy, 14, put(chain("E", 2, (2,))), put(chain("M", 4, (2, 4))),
+                     put(chain("N", 1, ())))
+    if policy == "lru":
+        assert "E2s" not in kept and "M2s" in kept
+    else:
+        assert "E2s" in kept and "M2s" not in kept and "M4s" in kept
+
+
+def test_parents_outlive_children_under_value() -> None:
+    """Leaf-only: whatever is evicted, every stored state still has its whole prefix."""
+    store = MemoryBackend(40 * MIB, policy="value")
+    for i in range(12):
+        store.put_many(chain(f"P{i}x", 1 + i % 5, tuple(range(1, 6))))
+        store.get_many([key(STATE, "P0x1")])
+    names = {BlockKey.decode(e.key).block_hash.decode() for e in store.scan()
+             if BlockKey.decode(e.key).group == ATTN}
+    for e in store.scan():
+        k = BlockKey.decode(e.key)
+        stem, depth = k.block_hash.decode()[:-1], int(k.block_hash.decode()[-1])
+        assert all(f"{stem}{b}" in names for b in range(1, depth + 1)), k
+    assert store.stats().evictions > 0
+
+
+def test_kind_and_depth_from_parents() -> None:
+    p = make_policy("value")
+    assert isinstance(p, LeafValue)
+    from kvtier.backends.eviction import EntryMeta
+
+    a1, a2, s2 = key(ATTN, "q1"), key(ATTN, "q2"), key(STATE, "q2")
+    for k, parent in ((a1, None), (a2, a1), (s2, a2)):
+        p.added(k, EntryMeta(MIB, parent))
+        p.touched(k)
+    assert (p._meta[s2].state, p._meta[s2].depth, p._meta[a2].depth) == (True, 2, 2)
+    assert not p._meta[a2].state
