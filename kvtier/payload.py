@@ -2,7 +2,9 @@
 
 Every stored value carries a fixed header: magic, format version, the key it
 was stored under, a digest of the tensor layout it was gathered from, the
-data length and an xxh3-64 checksum of the data. A loader checks all of them;
+data length and an xxh3-64 checksum of the data seeded with a digest of the
+header fields before it (so no header bit, flags included, can change
+unnoticed). A loader checks all of them;
 any mismatch raises :class:`PayloadError`, which the connector turns into a
 miss (recompute), never into wrong bytes in the KV cache.
 """
@@ -17,7 +19,7 @@ import xxhash
 from kvtier.keys import NAMESPACE_BYTES, BlockKey
 
 MAGIC = b"KVTB"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the checksum covers the header too
 HASH_BYTES = 32
 # Flags. DECODE: written by decode steps. Such a block holds exactly what the
 # engine computed, but decode kernels round differently from a cold prefill of
@@ -73,9 +75,17 @@ def encode(key: BlockKey, layout: bytes, data: bytes | memoryview, flags: int = 
         key.block_hash,
         layout,
         mv.nbytes,
-        xxhash.xxh3_64_intdigest(mv),
+        0,
     )
-    return b"".join((header, mv))  # one copy of the data
+    return b"".join((header[:_SEEDED], struct.pack("<Q", _checksum(header, mv)), mv))
+
+
+_SEEDED = HEADER_SIZE - 8  # the header bytes before the checksum field
+
+
+def _checksum(header: bytes | memoryview, data: memoryview) -> int:
+    """xxh3-64 of the data, seeded by the header fields: one pass over the data."""
+    return xxhash.xxh3_64_intdigest(data, seed=xxhash.xxh3_64_intdigest(header[:_SEEDED]))
 
 
 def read_header(buf: bytes | memoryview) -> PayloadHeader:
@@ -112,7 +122,7 @@ def decode(
     data = mv[HEADER_SIZE:]
     if data.nbytes != header.length:
         raise PayloadError(f"length mismatch: header says {header.length}, got {data.nbytes}")
-    if xxhash.xxh3_64_intdigest(data) != header.checksum:
+    if _checksum(mv[:HEADER_SIZE], data) != header.checksum:
         raise PayloadError("checksum mismatch: payload is corrupt")
     return data
 
