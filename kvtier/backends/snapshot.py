@@ -293,3 +293,17 @@ class Snapshotter:
         if self._thread is not None:
             self._thread.join()
         return self.write()
+
+
+def start_snapshots(store: object, directory: str | Path | None,
+                    interval_s: float = 0) -> Snapshotter | None:
+    """Load ``directory``'s snapshot into a memory ``store`` and keep snapshotting it
+    (the server's ``--snapshot-dir``); None when off or the store is not a memory store."""
+    if not directory:
+        return None
+    if not isinstance(store, MemoryBackend):
+        log.warning("--snapshot-dir ignored: the %s backend is not the memory store",
+                    getattr(store, "name", "?"))
+        return None
+    load_snapshot(store, directory)
+    return Snapshotter(store, directory, interval_s).start()

@@ -300,6 +300,11 @@ def serve(config: ServerConfig, backend: Backend | None = None) -> tuple[grpc.Se
         from kvtier.transport.tcp_bulk import BulkServer
 
         bulk = BulkServer(backend, config.host, config.bulk_port, metrics).start()
+    from kvtier.backends.snapshot import start_snapshots
+
+    # Warm restart: the snapshot is in the store before the first request is answered.
+    server.kvtier_snapshots = start_snapshots(  # type: ignore[attr-defined]
+        backend, config.snapshot_dir, config.snapshot_interval_s)
     servicer = TierServicer(backend, metrics, bulk)
     server.add_generic_rpc_handlers((method_handlers(servicer),))
     server.start()
@@ -322,3 +327,5 @@ def run_server(config: ServerConfig) -> None:
     if bulk is not None:
         bulk.stop()
     server.stop(grace=5).wait()
+    if server.kvtier_snapshots is not None:  # type: ignore[attr-defined]
+        server.kvtier_snapshots.stop()  # type: ignore[attr-defined]  # after the last write
