@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from kvtier.backends.base import Backend, BackendError
-from kvtier.transport.validation import MAX_KEYS, BadRequest, check_keys
+from kvtier.transport.validation import MAX_KEYS, MAX_VALUE, BadRequest, check_keys
 
 log = logging.getLogger("kvtier.bulk")
 REQ_MAGIC, RESP_MAGIC, ERR_MAGIC = b"KVTG", b"KVTR", b"KVTE"
@@ -152,6 +152,8 @@ def read_response(sock: socket.socket, nkeys: int,
     if head[:4] != RESP_MAGIC or struct.unpack_from("<I", head, 4)[0] != nkeys:
         raise BulkProtocolError("bad response frame")
     sizes = struct.unpack(f"<{nkeys}q", _recv_exact(sock, 8 * nkeys))
+    if any(not -1 <= s <= MAX_VALUE for s in sizes):  # checked before allocating
+        raise BulkProtocolError(f"bad value size in response (max {MAX_VALUE})")
     total = sum(s for s in sizes if s > 0)
     if buf is None or len(buf) < total:
         buf = alloc(total)
