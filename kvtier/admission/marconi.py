@@ -1,10 +1,11 @@
-"""Marconi-like admission (Marconi, MLSys 2025; vLLM PR 37898).
+"""Marconi-like admission (Marconi, MLSys 2025), as vLLM PR 37898 adapts it to align mode.
 
-States only where reuse is likely: at branch points (junctions: a prefix other
-requests already share and leave) and at the sequence's end (the state after
-its decode, which a follow-up turn extends). Chunks end at junctions so the
-branch-point state exists. No prompt-end state on a fresh prompt: Marconi waits
-for a second request to reveal the branch point.
+States only where reuse is likely: the sequence's last states (the prompt's
+last aligned boundary and the boundaries decode crosses: what a chat's next
+turn extends) and shared prefixes, detected when attention blocks hit past the
+deepest state (a junction): the chunk ends there so that state is written once.
+No periodic states. (Marconi's own eviction is FLOP-aware; vLLM's and SGLang's
+ports keep LRU.)
 """
 
 from __future__ import annotations
@@ -19,4 +20,4 @@ class Marconi(AdmissionPolicy):
         return next_in(req.junctions, req, position)
 
     def admit_state(self, req: RequestView, boundary: int, decode: bool) -> bool:
-        return decode or boundary in req.junctions
+        return decode or boundary == req.prompt_end_boundary or boundary in req.junctions

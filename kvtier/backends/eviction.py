@@ -117,10 +117,12 @@ class LeafValue(EvictionPolicy):
     Frequency): priority = L + depth x (1 + hits) x kind / MiB, where L is the priority of
     the last victim, so untouched entries age behind fresh ones (recency).
 
-    Kind: a recurrent state is what a hit lands on; one that sits mid-chain (the
-    prefix continues past it in the store) and was never hit is worth ``mid_chain``
-    of a chain-end state; an attention leaf (a chain's tail without a state) is
-    worth ``attention`` (it only marks a prefix the fleet shares, a junction).
+    Kind: a recurrent state is what a hit lands on. One that sits mid-chain (its
+    prefix continues in the store along exactly one path, so a deeper state of
+    that path serves its requests) is worth ``mid_chain`` of one at a chain's end
+    or at a branch point (several continuations: where requests part). An
+    attention leaf (a chain's tail without a state) is worth ``attention``: it
+    restores nothing by itself, it only marks a shared prefix (a junction).
     A state is told apart by its writer-declared parent being in another group
     (states hang off the attention block at their boundary; attention blocks off
     the previous block of their own group).
@@ -128,7 +130,7 @@ class LeafValue(EvictionPolicy):
 
     name = "value"
 
-    def __init__(self, mid_chain: float = 0.25, attention: float = 0.5) -> None:
+    def __init__(self, mid_chain: float = 0.25, attention: float = 0.02) -> None:
         self.mid_chain, self.attention = mid_chain, attention
         self._meta: dict[bytes, _Value] = {}
         self._chain_children: dict[bytes, int] = {}  # attention key -> attention children
@@ -149,7 +151,7 @@ class LeafValue(EvictionPolicy):
             self._states_on.setdefault(meta.parent, set()).add(key)
             return
         self._chain_children[meta.parent] = self._chain_children.get(meta.parent, 0) + 1
-        for s in self._states_on.get(meta.parent, ()):  # now mid-chain: worth less
+        for s in self._states_on.get(meta.parent, ()):  # its kind changed: re-queue
             if s in self._meta:
                 self._push(s, self._meta[s])
 
@@ -175,7 +177,9 @@ class LeafValue(EvictionPolicy):
     def priority(self, key: bytes) -> float:
         m = self._meta[key]
         if m.state:
-            mid = m.hits == 0 and self._chain_children.get(m.parent, 0) > 0  # type: ignore[arg-type]
+            # one continuation: a deeper state of the same chain serves its requests;
+            # none (the chain's end) or several (a branch point): a hit lands here
+            mid = self._chain_children.get(m.parent, 0) == 1  # type: ignore[arg-type]
             kind = self.mid_chain if mid else 1.0
         else:
             kind = self.attention

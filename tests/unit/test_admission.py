@@ -54,10 +54,10 @@ def test_prompt_end_moves_nothing_keeps_last_aligned_and_decode() -> None:
 
 def test_marconi_keeps_junctions_and_sequence_end_only() -> None:
     p = make_admission("marconi")
-    assert chunk_ends(p, view()) == [] and admitted(p, view()) == []
+    assert chunk_ends(p, view()) == [] and admitted(p, view()) == [10]
     req = view(junctions=(7, 3, 40))  # 40 lies past the prompt
     assert chunk_ends(p, req) == [300, 700]
-    assert admitted(p, req) == [3, 7]
+    assert admitted(p, req) == [3, 7, 10]
     assert admitted(p, req, decode=True) == list(range(1, 21))
 
 

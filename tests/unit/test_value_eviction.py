@@ -103,3 +103,17 @@ def test_kind_and_depth_from_parents() -> None:
         p.touched(k)
     assert (p._meta[s2].state, p._meta[s2].depth, p._meta[a2].depth) == (True, 2, 2)
     assert not p._meta[a2].state
+
+
+@pytest.mark.parametrize("policy", ["lru", "value"])
+def test_branch_point_state_outlives_a_mid_chain_one(policy: str) -> None:
+    """A state where two prefixes part (a junction) is a hit point; one with a single
+    continuation is served by the deeper state of that continuation."""
+    fork = [PutItem(key(g, n), b"x" * (3 * MIB if g else MIB), key(ATTN, "J2" if not g else n))
+            for n in ("J3", "K3") for g in (ATTN, STATE)]
+    kept = survivors(policy, 23, put(chain("J", 2, (2,)) + fork), put(chain("M", 4, (2, 4))),
+                     put(chain("N", 1, ())))
+    if policy == "lru":
+        assert "J2s" not in kept and "M2s" in kept
+    else:
+        assert "J2s" in kept and "M2s" not in kept and "M4s" in kept
