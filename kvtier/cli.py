@@ -449,7 +449,8 @@ def flush(url: Url = DEFAULT_URL, namespace: Namespace = None,
 
 @app.command()
 def bench(
-    which: Annotated[str, typer.Argument(help="grpc, redis, ttft, pd or all (all: grpc + redis)")]
+    which: Annotated[str, typer.Argument(
+        help="grpc, redis, ttft, pd, admission or all (all: grpc + redis)")]
     = "all",
     redis_url: Annotated[str | None, typer.Option(help="existing Redis (else started)")] = None,
     as_json: Json = False,
@@ -472,10 +473,49 @@ def bench(
         from kvtier.benches.pd import run_pd_bench
 
         results["pd"] = run_pd_bench(console=None if as_json else out)
+    if which == "admission":
+        from kvtier.benches.admission import run_admission_bench
+
+        results["admission"] = run_admission_bench(console=None if as_json else out)
     if not results:
-        fail(f"unknown benchmark {which!r}: use grpc, redis, ttft, pd or all", 2)
+        fail(f"unknown benchmark {which!r}: use grpc, redis, ttft, pd, admission or all", 2)
     if as_json:
         emit(results, True)
+
+
+@app.command()
+def sim(
+    trace: Annotated[str | None, typer.Option(help="JSONL trace file (format: README)")] = None,
+    gen: Annotated[str | None, typer.Option(help="chat, agentic, sysprompt or mix")] = None,
+    requests: Annotated[int, typer.Option(help="requests to generate with --gen")] = 400,
+    seed: Annotated[int, typer.Option(help="generator seed")] = 0,
+    model: Annotated[str, typer.Option(
+        help="qwen3-next-80b, nemotron-h-56b or qwen3.5-35b")] = "qwen3-next-80b",
+    capacity: Annotated[str, typer.Option(help="tier size: bytes (8GiB) or % of working set")]
+    = "20%",
+    admission: Annotated[str, typer.Option(help="dense, prompt_end, marconi, default")]
+    = "default",
+    eviction: Annotated[str, typer.Option(help="lru, fifo or value")] = "value",
+    chunk_tokens: Annotated[int, typer.Option(help="vLLM's prefill chunk budget")] = 8192,
+    in_chunk: Annotated[bool, typer.Option(
+        help="vLLM writes states inside a chunk (no chunk end moved)")] = False,
+    as_json: Json = False,
+) -> None:
+    """Replay a trace through the real keys, lookup, admission and eviction code (no engine)."""
+    from kvtier.sim import report
+
+    try:
+        loaded = report.load(trace, gen, model, requests, seed)
+        res = report.run(loaded, capacity, admission, eviction, chunk_tokens, in_chunk)
+    except (ValueError, OSError) as e:
+        fail(str(e), 2)
+    table = Table(title=f"kvtier sim: {res['trace']} on {res['model']}, "
+                        f"{admission} + {eviction}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for label, k, how in report.ROWS:
+        table.add_row(label, report.fmt(res[k], how))
+    emit(res, as_json, table)
 
 
 def main() -> None:  # pragma: no cover

@@ -1,0 +1,134 @@
+"""kvtier sim: deterministic traces, a hand-checked tiny replay, the trace format, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from kvtier.cli import app
+from kvtier.sim import replay, report, traces
+from kvtier.sim.models import MODELS, ModelSpec, get_model
+from kvtier.sim.traces import Request
+
+B = 4
+TINY = ModelSpec("tiny", B, state_bytes=100, kv_bytes_per_token=1)
+
+
+def tiny_trace() -> list[Request]:
+    r1 = tuple(range(10))
+    out1 = (50, 51, 52)
+    return [
+        Request(prompt_tokens=r1, output_tokens=out1),
+        Request(prompt_tokens=r1 + out1 + (60, 61), output_tokens=(70,)),  # next turn
+        Request(prompt_tokens=r1[:6] + (80, 81, 82, 83), output_tokens=(90,)),  # parts at 1
+        Request(prompt_tokens=r1[:4] + (84, 85, 86, 87, 88), output_tokens=(91,)),
+    ]
+
+
+@pytest.mark.parametrize(("admission", "hits"), [
+    # r1 misses; r2 extends r1's decode (state at boundary 3, crossed by decode);
+    # r3 shares boundary 1 only: dense saved a state there, the others see a junction
+    # and (default, marconi) end a chunk there, so r4 hits it; prompt_end never does.
+    ("dense", [0, 12, 4, 4]),
+    ("prompt_end", [0, 12, 0, 0]),
+    ("marconi", [0, 12, 0, 4]),
+    ("default", [0, 12, 0, 4]),
+])
+def test_tiny_trace_hits_by_hand(admission: str, hits: list[int]) -> None:
+    res = replay.simulate(tiny_trace(), TINY, admission=admission)
+    assert res.hits == hits
+    assert res.prompt_tokens == 10 + 15 + 10 + 9
+
+
+def test_tiny_trace_bytes_by_hand() -> None:
+    sim = replay.Simulator(TINY, "default")
+    prepared = replay.prepare(tiny_trace(), B)
+    sim.step(prepared[0])
+    # attention blocks 1..3 (4 tokens x 1 byte) + states at 2 (prompt end) and 3 (decode)
+    assert (sim.result.upload_bytes, sim.result.written_bytes) == (3 * 4 + 2 * 100, 212)
+    assert sim.result.state_written_bytes == 200
+    dense = replay.Simulator(TINY, "dense")
+    dense.step(prepared[0])
+    assert dense.result.written_bytes == 3 * 4 + 3 * 100
+    assert dense.result.chunk_ends_moved == 1  # boundary 1 (2 is the prompt's last aligned)
+
+
+def test_eviction_at_small_capacity_costs_hits() -> None:
+    full = replay.simulate(tiny_trace(), TINY, admission="default")
+    small = replay.simulate(tiny_trace(), TINY, admission="default", capacity_bytes=120)
+    assert small.hit_tokens < full.hit_tokens and small.evictions > 0
+
+
+def test_generators_are_deterministic() -> None:
+    for name in traces.GENERATORS:
+        a, b = traces.generate(name, 40, seed=3), traces.generate(name, 40, seed=3)
+        assert a == b and len(a) == 40
+        assert traces.generate(name, 40, seed=4) != a
+    r = traces.generate("chat", 5, seed=3)[0]
+    assert r.token_ids() == traces.generate("chat", 5, seed=3)[0].token_ids()
+
+
+def test_chat_turns_extend_the_previous_turn() -> None:
+    reqs = traces.generate("chat", 60, seed=0)
+    by_session: dict[str, list[Request]] = {}
+    for r in reqs:
+        by_session.setdefault(r.session, []).append(r)
+    multi = [rs for rs in by_session.values() if len(rs) > 1]
+    assert multi
+    for rs in multi:
+        for prev, nxt in zip(rs, rs[1:]):
+            assert nxt.prompt[:len(prev.prompt) + 1] == (*prev.prompt, prev.output)
+
+
+def test_trace_file_round_trip(tmp_path) -> None:  # noqa: ANN001
+    reqs = traces.generate("mix", 30, seed=1) + tiny_trace()
+    path = tmp_path / "t.jsonl"
+    traces.write_trace(path, reqs)
+    assert traces.read_trace(path) == reqs
+
+
+def test_simulation_is_deterministic_and_policies_differ() -> None:
+    model = get_model("qwen3-next-80b")
+    prepared = replay.prepare(traces.generate("sysprompt", 60, seed=0), model.block_tokens)
+    ws = replay.working_set_bytes(prepared, model)
+    runs = [replay.Simulator(model, "default", "value", ws // 10).run(prepared).as_dict()
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+    dense = replay.Simulator(model, "dense", "lru", ws // 10).run(prepared)
+    assert dense.written_bytes > runs[0]["written_bytes"]
+
+
+def test_model_sizes_from_configs() -> None:
+    q = MODELS["qwen3-next-80b"]
+    assert q.kv_bytes_per_token == 24 * 1024
+    assert 73 * (1 << 20) < q.state_bytes < 75 * (1 << 20)  # ~74 MiB (issue 8)
+    assert 0.7 < q.state_share_dense < 0.8  # "roughly three quarters"
+    assert set(MODELS) == {"qwen3-next-80b", "nemotron-h-56b", "qwen3.5-35b"}
+
+
+def test_capacity_parsing() -> None:
+    assert report.parse_capacity("20%", 1000) == 200
+    assert report.parse_capacity("1KiB", 1000) == 1024
+    with pytest.raises(ValueError):
+        report.parse_capacity("-5%", 1000)
+
+
+def test_predict_hit_tokens_for_an_engine_comparison() -> None:
+    reqs = [(r.prompt_tokens, r.output_tokens) for r in tiny_trace()]
+    assert replay.predict_hit_tokens(reqs, boundary_tokens=B, state_bytes_per_boundary=100,
+                                     kv_bytes_per_token=1) == [0, 12, 0, 4]
+
+
+def test_cli_sim_on_a_trace_file(tmp_path) -> None:  # noqa: ANN001
+    path = tmp_path / "t.jsonl"
+    traces.write_trace(path, traces.generate("agentic", 20, seed=0))
+    res = CliRunner().invoke(app, ["sim", "--trace", str(path), "--capacity", "50%",
+                                   "--admission", "dense", "--eviction", "lru", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output[res.output.index("{"):])
+    assert d["admission"] == "dense" and d["requests"] == 20 and d["hit_tokens"] > 0
+    assert d["capacity_bytes"] == d["working_set_bytes"] // 2
+    bad = CliRunner().invoke(app, ["sim", "--gen", "nope"])
+    assert bad.exit_code == 2
