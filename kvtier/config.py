@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
           "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12,
           "tib": 1 << 40}
-TIER_SCHEMES = ("memory", "grpc", "redis", "rediss", "redis+cluster", "rediss+cluster")
+TIER_SCHEMES = ("memory", "grpc", "grpcs", "redis", "rediss", "redis+cluster", "rediss+cluster")
 
 
 class ConfigError(ValueError):
@@ -71,6 +71,12 @@ class ServerConfig(_Strict):
     snapshot_interval_s: float = Field(
         0, ge=0, description="also snapshot every N seconds when the store changed (0: only on "
         "shutdown)")
+    tls_cert: str | None = Field(None, description="PEM server certificate: TLS on gRPC and bulk")
+    tls_key: str | None = Field(None, description="PEM private key of tls_cert")
+    tls_client_ca: str | None = Field(None, description="require client certificates (mTLS)")
+    auth_token_file: str | None = Field(
+        None, description="JSON bearer tokens bound to tenants and roles (kvtier.security.tokens)"
+        "; re-read on SIGHUP and on change")
 
     @field_validator("capacity", mode="before")
     @classmethod
@@ -80,6 +86,10 @@ class ServerConfig(_Strict):
     def model_post_init(self, _ctx: Any) -> None:
         if self.backend == "redis" and not self.redis_url:
             raise ConfigError("--backend redis needs --redis-url (e.g. redis://127.0.0.1:6379/0)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together (PEM certificate and key)")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert/--tls-key")
         if self.backend == "redis" and self.snapshot_dir:
             raise ConfigError("--snapshot-dir snapshots the memory store; Redis persists itself "
                               "(RDB/AOF): drop --snapshot-dir or use --backend memory")
@@ -121,6 +131,19 @@ class ConnectorConfig(_Strict):
                                   description="how often a waiting decode request asks the tier")
     metrics_port: int | None = Field(None, ge=0, le=65535)
     model_id: str | None = Field(None, description="override the model identity in the namespace")
+    tls_ca: str | None = Field(None, description="grpcs://: PEM CA that signed the tier's "
+                               "certificate (default: system trust store)")
+    tls_cert: str | None = Field(None, description="grpcs://: client certificate (mutual TLS)")
+    tls_key: str | None = Field(None, description="grpcs://: key of tls_cert")
+    auth_token_file: str | None = Field(None, description="file holding the tier bearer token")
+    auth_token_env: str = Field("KVTIER_TOKEN", description="else this environment variable")
+
+    def tier_options(self) -> dict[str, Any]:
+        """TLS and token options for :func:`kvtier.backends.open_backend` (gRPC tiers)."""
+        if not self.tier_url.startswith("grpc"):
+            return {}
+        return {"tls_ca": self.tls_ca, "tls_cert": self.tls_cert, "tls_key": self.tls_key,
+                "token_file": self.auth_token_file, "token_env": self.auth_token_env}
 
     @field_validator("tier_url")
     @classmethod

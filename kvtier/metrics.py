@@ -55,11 +55,17 @@ class ServerMetrics:
         self.bytes = Counter("kvtier_bytes", "Payload bytes moved", ["direction"], registry=r)
         self.blocks = Counter("kvtier_block_reads", "Blocks asked for by outcome", ["outcome"],
                               registry=r)
+        self.refusals = Counter("kvtier_refused", "Requests refused by authentication, tenant, "
+                                "role or quota checks, or a failed TLS handshake", ["reason"],
+                                registry=r)
         r.register(_BackendCollector(backend))
 
     def observe(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method, code).inc()
         self.latency.labels(method).observe(seconds)
+
+    def refused(self, reason: str) -> None:
+        self.refusals.labels(reason).inc()
 
     def moved(self, direction: str, nbytes: int) -> None:
         self.bytes.labels(direction).inc(nbytes)

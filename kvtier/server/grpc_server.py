@@ -277,6 +277,10 @@ def serve(config: ServerConfig, backend: Backend | None = None) -> tuple[grpc.Se
 
     The bulk data plane (if enabled) is attached as ``server.kvtier_bulk``."""
     backend = backend or make_backend(config)
+    from kvtier.backends.snapshot import start_snapshots
+
+    # Warm restart: the snapshot is in the store before the first request is answered.
+    snapshots = start_snapshots(backend, config.snapshot_dir, config.snapshot_interval_s)
     metrics = None
     if config.metrics_port is not None:
         from kvtier.metrics import ServerMetrics
@@ -285,26 +289,26 @@ def serve(config: ServerConfig, backend: Backend | None = None) -> tuple[grpc.Se
         metrics.serve(config.metrics_port)
     # No SO_REUSEPORT (gRPC's default on Linux): a second `kvtier serve` on a busy port must
     # fail, not silently split the clients between two separate stores.
+    from kvtier.security import server_security
+
+    security = server_security(config, backend, metrics)  # TLS, tokens (after the snapshot)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers),
-                         options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
+                         options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)],
+                         interceptors=security.interceptors())
     # Bind the gRPC port before the bulk port: an any-port bulk listener could otherwise be
     # handed the very port the caller picked for gRPC (a free port it just probed).
-    try:
-        port = server.add_insecure_port(f"{config.host}:{config.port}")
-    except RuntimeError:  # grpcio >= 1.5x raises instead of returning 0
-        port = 0
+    port = security.add_port(server, f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port} (in use?)")
     bulk = None
     if config.bulk_port is not None:
         from kvtier.transport.tcp_bulk import BulkServer
 
-        bulk = BulkServer(backend, config.host, config.bulk_port, metrics).start()
-    from kvtier.backends.snapshot import start_snapshots
-
-    # Warm restart: the snapshot is in the store before the first request is answered.
-    server.kvtier_snapshots = start_snapshots(  # type: ignore[attr-defined]
-        backend, config.snapshot_dir, config.snapshot_interval_s)
+        bulk = BulkServer(backend, config.host, config.bulk_port, metrics)
+        security.attach_bulk(bulk)
+        bulk.start()
+    server.kvtier_snapshots = snapshots  # type: ignore[attr-defined]
+    server.kvtier_security = security  # type: ignore[attr-defined]
     servicer = TierServicer(backend, metrics, bulk)
     server.add_generic_rpc_handlers((method_handlers(servicer),))
     server.start()
@@ -317,12 +321,15 @@ def run_server(config: ServerConfig) -> None:
     server, port = serve(config)
     log.info("kvtier tier listening on %s:%d (%s backend)", config.host, port, config.backend)
     bulk = server.kvtier_bulk  # type: ignore[attr-defined]
-    print(f"kvtier serve: listening on grpc://{config.host}:{port} "
+    scheme = "grpcs" if config.tls_cert else "grpc"
+    print(f"kvtier serve: listening on {scheme}://{config.host}:{port} "
           f"({config.backend} backend, capacity {config.capacity} bytes"
           + (f", bulk reads on tcp port {bulk.port}" if bulk else "") + ")", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    security = server.kvtier_security  # type: ignore[attr-defined]
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=security.reload).start())
     stop.wait()
     if bulk is not None:
         bulk.stop()

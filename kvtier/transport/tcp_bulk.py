@@ -23,12 +23,16 @@ import logging
 import mmap
 import socket
 import socketserver
+import ssl
 import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
 
 from kvtier.backends.base import Backend, BackendError
+from kvtier.security import bulk_auth
+from kvtier.security.bulk_auth import HELLO_MAGIC, MAX_TOKEN
+from kvtier.security.tokens import AuthError
 from kvtier.transport.validation import MAX_KEYS, MAX_VALUE, BadRequest, check_keys
 
 log = logging.getLogger("kvtier.bulk")
@@ -97,10 +101,30 @@ def encode_request(keys: Sequence[bytes]) -> bytes:
     return b"".join(parts)
 
 
-def read_request(sock: socket.socket) -> list[bytes] | None:
-    head = sock.recv(8, socket.MSG_WAITALL)
+class Hello(str):
+    """A hello frame's bearer token (see kvtier.security.bulk_auth)."""
+
+
+def _recv_head(sock: socket.socket) -> bytes:
+    """8 bytes, or b"" if the peer closed before sending any (works over TLS too)."""
+    head = sock.recv(8)
+    while head and len(head) < 8:
+        more = sock.recv(8 - len(head))
+        if not more:
+            break
+        head += more
+    return head
+
+
+def read_request(sock: socket.socket) -> list[bytes] | Hello | None:
+    head = _recv_head(sock)
     if not head:
         return None
+    if len(head) == 8 and head[:4] == HELLO_MAGIC:
+        (n,) = struct.unpack_from("<I", head, 4)
+        if n > MAX_TOKEN:
+            raise BulkProtocolError("bad hello frame")
+        return Hello(_recv_exact(sock, n).decode("utf-8", "replace"))
     if len(head) != 8 or head[:4] != REQ_MAGIC:
         raise BulkProtocolError("bad request frame")
     (n,) = struct.unpack_from("<I", head, 4)
@@ -123,6 +147,10 @@ def send_response(sock: socket.socket, values: Sequence[bytes | memoryview | Non
     header = RESP_MAGIC + struct.pack(f"<I{len(sizes)}q", len(sizes), *sizes)
     bufs: list = [header]
     bufs.extend(memoryview(v) for v in values if v)
+    if isinstance(sock, ssl.SSLSocket):  # no sendmsg over TLS
+        for b in bufs:
+            sock.sendall(b)
+        return
     for i in range(0, len(bufs), IOV_BATCH):
         batch = bufs[i:i + IOV_BATCH]
         while batch:
@@ -184,6 +212,10 @@ class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         sock: socket.socket = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = bulk_auth.accept(self.server, sock, self.client_address)  # TLS, if configured
+        if sock is None:
+            return
+        session = bulk_auth.BulkSession(self.server)
         backend: Backend = self.server.backend  # type: ignore[attr-defined]
         metrics = self.server.metrics  # type: ignore[attr-defined]
         while True:
@@ -191,6 +223,18 @@ class _Handler(socketserver.BaseRequestHandler):
                 keys = read_request(sock)
                 if keys is None:
                     return
+                if isinstance(keys, Hello):
+                    session.hello(keys)
+                    continue
+                session.check(keys)
+            except AuthError as e:  # refused; a bad hello also ends the connection
+                try:
+                    send_refusal(sock, str(e))
+                except OSError:
+                    return
+                if session.token is None or e.reason in ("bad_token", "expired"):
+                    return
+                continue
             except (BulkProtocolError, ConnectionError, OSError) as e:
                 log.warning("bulk connection from %s dropped: %s", self.client_address, e)
                 return
@@ -228,6 +272,8 @@ class BulkServer(socketserver.ThreadingTCPServer):
     def __init__(self, backend: Backend, host: str, port: int, metrics: object | None = None):
         self.backend = backend
         self.metrics = metrics
+        self.ssl_context: ssl.SSLContext | None = None  # set by kvtier.security (TLS)
+        self.access = None  # set by kvtier.security (tokens, tenants)
         self.listening = True  # False once the listening socket died: Health stops advertising it
         super().__init__((host, port), _Handler)
         self._thread = threading.Thread(target=self.serve_forever, name="kvtier-bulk",

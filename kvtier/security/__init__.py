@@ -1,0 +1,77 @@
+"""Authentication, TLS and tenant isolation for the tier server's ports and its clients.
+
+- :mod:`kvtier.security.tls`: certificates for gRPC and the bulk socket (optional mTLS);
+- :mod:`kvtier.security.tokens`: the bearer-token file (tenants, roles, expiry, quotas);
+- :mod:`kvtier.security.access`: namespace ownership, role and quota checks;
+- :mod:`kvtier.security.grpc_auth`: the server and client gRPC interceptors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from kvtier.security.tls import ClientTLS, ServerTLS
+
+__all__ = ["ClientTLS", "ServerSecurity", "ServerTLS", "client_channel", "server_security"]
+
+
+@dataclass
+class ServerSecurity:
+    tls: ServerTLS | None = None
+    access: Any = None  # kvtier.security.access.Access when --auth-token-file is set
+
+    def interceptors(self) -> list[grpc.ServerInterceptor]:
+        if self.access is None:
+            return []
+        from kvtier.security.grpc_auth import AuthInterceptor
+
+        return [AuthInterceptor(self.access)]
+
+    def add_port(self, server: grpc.Server, address: str) -> int:
+        """Bind gRPC (TLS when configured); the bound port, 0 if it could not be bound."""
+        try:
+            if self.tls is not None:
+                return server.add_secure_port(address, self.tls.grpc_credentials())
+            return server.add_insecure_port(address)
+        except RuntimeError:  # grpcio >= 1.5x raises instead of returning 0
+            return 0
+
+    def attach_bulk(self, bulk: Any) -> None:
+        """The bulk server wraps each connection in TLS and asks for a token in its hello."""
+        bulk.ssl_context = self.tls.ssl_context() if self.tls is not None else None
+        bulk.access = self.access
+
+    def reload(self) -> None:
+        if self.access is not None:
+            self.access.registry.reload()
+
+
+def server_security(config: Any, backend: Any, metrics: Any = None) -> ServerSecurity:
+    """TLS and token checks from a :class:`kvtier.config.ServerConfig` (either may be off)."""
+    tls = ServerTLS(config.tls_cert, config.tls_key, config.tls_client_ca) \
+        if config.tls_cert else None
+    access = None
+    if config.auth_token_file:
+        from kvtier.security.access import Access
+        from kvtier.security.tokens import TokenRegistry
+
+        access = Access(TokenRegistry(config.auth_token_file), backend, metrics)
+    return ServerSecurity(tls, access)
+
+
+def client_channel(target: str, options: list, tls: ClientTLS | None = None,
+                   token: str | None = None) -> grpc.Channel:
+    """A channel to the tier: TLS if ``tls``, every call carrying the bearer ``token``."""
+    if tls is not None:
+        channel = grpc.secure_channel(target, tls.grpc_credentials(),
+                                      options=[*options, *tls.grpc_options()])
+    else:
+        channel = grpc.insecure_channel(target, options=options)
+    if token:
+        from kvtier.security.grpc_auth import BearerAuth
+
+        channel = grpc.intercept_channel(channel, BearerAuth(token))
+    return channel
