@@ -76,6 +76,13 @@ def serve(
         "write it there on shutdown")] = None,
     snapshot_interval: Annotated[float, typer.Option(
         help="also snapshot every N seconds when the store changed (0: only on shutdown)")] = 0,
+    tls_cert: Annotated[str | None, typer.Option(
+        help="PEM certificate: serve TLS on gRPC and the bulk port (clients use grpcs://)")] = None,
+    tls_key: Annotated[str | None, typer.Option(help="PEM key of --tls-cert")] = None,
+    tls_client_ca: Annotated[str | None, typer.Option(
+        help="mutual TLS: require client certificates signed by this CA")] = None,
+    auth_token_file: Annotated[str | None, typer.Option(
+        help="bearer tokens bound to tenants and roles (JSON; re-read on SIGHUP/change)")] = None,
 ) -> None:
     """Run the tier server (the main job). The embedded in-memory store is the default."""
     import logging
@@ -88,7 +95,8 @@ def serve(
             host=host, port=port, capacity=capacity, backend=backend, redis_url=redis_url,
             eviction=eviction, metrics_port=metrics_port,
             bulk_port=None if bulk_port < 0 else bulk_port, snapshot_dir=snapshot_dir,
-            snapshot_interval_s=snapshot_interval))
+            snapshot_interval_s=snapshot_interval, tls_cert=tls_cert, tls_key=tls_key,
+            tls_client_ca=tls_client_ca, auth_token_file=auth_token_file))
     except ConfigError as e:
         fail(str(e), 2)
     try:

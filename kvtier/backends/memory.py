@@ -22,6 +22,10 @@ class _Entry:
     # parent key is deleted and stored again, the new entry is not our parent.
     serial: int = 0
     parent_serial: int = -1
+    # Where the bytes live in an arena store (see arena_store.py), and how many
+    # one-sided readers hold a lease on them (a leased entry is never evicted).
+    ext: object = None
+    leases: int = 0
 
 
 class MemoryBackend(Backend):
@@ -53,7 +57,7 @@ class MemoryBackend(Backend):
                 else:
                     self._hits += 1
                     self._policy.touched(k)
-                    out.append(e.value)
+                    out.append(self._read(e))
         return out
 
     def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
@@ -97,13 +101,14 @@ class MemoryBackend(Backend):
                     p = self._entries[parent]
                     p.children += 1
                     parent_serial = p.serial
-                if not self._make_room(size):
+                placed = self._place(it.value, size)
+                if placed is None:
                     if parent is not None:
                         self._unlink(parent, parent_serial)
                     self._rejected += 1
                     continue
-                self._entries[it.key] = _Entry(it.value, parent, serial=next(self._serials),
-                                               parent_serial=parent_serial)
+                self._entries[it.key] = _Entry(placed[0], parent, serial=next(self._serials),
+                                               parent_serial=parent_serial, ext=placed[1])
                 self._used += size
                 self._policy.added(it.key, EntryMeta(size, it.parent))
                 self._policy.touched(it.key)
@@ -125,7 +130,8 @@ class MemoryBackend(Backend):
             p.children += 1
             parent_serial = p.serial
         grow = len(it.value) - len(e.value)
-        if grow > 0 and not self._make_room(grow, keep=it.key):
+        placed = self._place(it.value, grow, keep=it.key)
+        if placed is None:
             if parent is not None:
                 self._unlink(parent, parent_serial)
             if e.children == 0 and not e.pinned:
@@ -134,7 +140,8 @@ class MemoryBackend(Backend):
             return 0
         if e.parent is not None:
             self._unlink(e.parent, e.parent_serial)
-        e.value, e.parent, e.parent_serial = it.value, parent, parent_serial
+        self._drop_value(e)
+        (e.value, e.ext), e.parent, e.parent_serial = placed, parent, parent_serial
         self._used += grow
         self._policy.added(it.key, EntryMeta(len(it.value), it.parent))
         self._policy.touched(it.key)
@@ -188,7 +195,18 @@ class MemoryBackend(Backend):
     # -- internals (lock held) --------------------------------------------
     def _is_leaf(self, key: bytes) -> bool:
         e = self._entries.get(key)
-        return e is not None and e.children == 0 and not e.pinned
+        return e is not None and e.children == 0 and not e.pinned and not e.leases
+
+    def _read(self, e: _Entry) -> bytes:
+        return e.value
+
+    def _place(self, value: bytes, grow: int,
+               keep: bytes | None = None) -> tuple[bytes, object] | None:
+        """Room for ``grow`` more bytes, then (stored value, extent); None if full."""
+        return (value, None) if grow <= 0 or self._make_room(grow, keep) else None
+
+    def _drop_value(self, e: _Entry) -> None:
+        """``e``'s bytes are no longer the entry's (removed or replaced)."""
 
     def _make_room(self, size: int, keep: bytes | None = None) -> bool:
         is_leaf = self._is_leaf if keep is None else (lambda k: k != keep and self._is_leaf(k))
@@ -205,6 +223,7 @@ class MemoryBackend(Backend):
         if e is None:
             return False
         self._used -= len(e.value)
+        self._drop_value(e)
         self._policy.forget(key)
         if e.parent is not None:
             self._unlink(e.parent, e.parent_serial)
