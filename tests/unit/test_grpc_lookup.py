@@ -25,8 +25,8 @@ def client(tier_server: TierProcess) -> Iterator[GrpcBackend]:
 
 
 def _answer(r: Any) -> tuple:
-    return r.boundary, r.reason, [(d.boundary, d.num_hashes, dict(d.present), d.prefix_ok)
-                                  for d in r.details]
+    return r.boundary, r.reason, r.attention_boundary, [
+        (d.boundary, d.num_hashes, dict(d.present), d.prefix_ok) for d in r.details]
 
 
 def _store(rng: random.Random, ns: bytes, hashes: list[bytes], groups: list[GroupQuery],
