@@ -101,7 +101,7 @@ def serve(
         fail(str(e), 2)
     try:
         run_server(cfg)
-    except OSError as e:
+    except (OSError, ConfigError) as e:  # a busy port, an unusable token file or certificate
         fail(str(e), 1)
 
 

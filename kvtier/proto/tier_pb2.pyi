@@ -189,15 +189,101 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("ok", "backend", "version", "entries", "bulk_port")
+    __slots__ = ("ok", "backend", "version", "entries", "bulk_port", "nixl_agent", "nixl_metadata")
     OK_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     BULK_PORT_FIELD_NUMBER: _ClassVar[int]
+    NIXL_AGENT_FIELD_NUMBER: _ClassVar[int]
+    NIXL_METADATA_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     backend: str
     version: str
     entries: int
     bulk_port: int
-    def __init__(self, ok: _Optional[bool] = ..., backend: _Optional[str] = ..., version: _Optional[str] = ..., entries: _Optional[int] = ..., bulk_port: _Optional[int] = ...) -> None: ...
+    nixl_agent: str
+    nixl_metadata: bytes
+    def __init__(self, ok: _Optional[bool] = ..., backend: _Optional[str] = ..., version: _Optional[str] = ..., entries: _Optional[int] = ..., bulk_port: _Optional[int] = ..., nixl_agent: _Optional[str] = ..., nixl_metadata: _Optional[bytes] = ...) -> None: ...
+
+class Extent(_message.Message):
+    __slots__ = ("address", "length", "generation", "checksum")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    address: int
+    length: int
+    generation: int
+    checksum: int
+    def __init__(self, address: _Optional[int] = ..., length: _Optional[int] = ..., generation: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
+
+class LocateRequest(_message.Message):
+    __slots__ = ("keys", "lease_s")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    lease_s: float
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., lease_s: _Optional[float] = ...) -> None: ...
+
+class LocateReply(_message.Message):
+    __slots__ = ("lease_id", "extents", "nixl_agent")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    EXTENTS_FIELD_NUMBER: _ClassVar[int]
+    NIXL_AGENT_FIELD_NUMBER: _ClassVar[int]
+    lease_id: int
+    extents: _containers.RepeatedCompositeFieldContainer[Extent]
+    nixl_agent: str
+    def __init__(self, lease_id: _Optional[int] = ..., extents: _Optional[_Iterable[_Union[Extent, _Mapping]]] = ..., nixl_agent: _Optional[str] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("lease_id", "read_bytes")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    READ_BYTES_FIELD_NUMBER: _ClassVar[int]
+    lease_id: int
+    read_bytes: int
+    def __init__(self, lease_id: _Optional[int] = ..., read_bytes: _Optional[int] = ...) -> None: ...
+
+class ReleaseReply(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    def __init__(self, released: _Optional[bool] = ...) -> None: ...
+
+class ReserveRequest(_message.Message):
+    __slots__ = ("sizes", "ttl_s")
+    SIZES_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    sizes: _containers.RepeatedScalarFieldContainer[int]
+    ttl_s: float
+    def __init__(self, sizes: _Optional[_Iterable[int]] = ..., ttl_s: _Optional[float] = ...) -> None: ...
+
+class ReserveReply(_message.Message):
+    __slots__ = ("reservation_id", "extents", "nixl_agent")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    EXTENTS_FIELD_NUMBER: _ClassVar[int]
+    NIXL_AGENT_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: int
+    extents: _containers.RepeatedCompositeFieldContainer[Extent]
+    nixl_agent: str
+    def __init__(self, reservation_id: _Optional[int] = ..., extents: _Optional[_Iterable[_Union[Extent, _Mapping]]] = ..., nixl_agent: _Optional[str] = ...) -> None: ...
+
+class CommitItem(_message.Message):
+    __slots__ = ("index", "key", "parent", "checksum")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    key: bytes
+    parent: bytes
+    checksum: int
+    def __init__(self, index: _Optional[int] = ..., key: _Optional[bytes] = ..., parent: _Optional[bytes] = ..., checksum: _Optional[int] = ...) -> None: ...
+
+class CommitRequest(_message.Message):
+    __slots__ = ("reservation_id", "items")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: int
+    items: _containers.RepeatedCompositeFieldContainer[CommitItem]
+    def __init__(self, reservation_id: _Optional[int] = ..., items: _Optional[_Iterable[_Union[CommitItem, _Mapping]]] = ...) -> None: ...

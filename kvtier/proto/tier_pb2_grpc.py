@@ -84,6 +84,26 @@ class TierStub:
                 request_serializer=kvtier_dot_v1_dot_tier__pb2.HealthRequest.SerializeToString,
                 response_deserializer=kvtier_dot_v1_dot_tier__pb2.HealthReply.FromString,
                 _registered_method=True)
+        self.Locate = channel.unary_unary(
+                '/kvtier.v1.Tier/Locate',
+                request_serializer=kvtier_dot_v1_dot_tier__pb2.LocateRequest.SerializeToString,
+                response_deserializer=kvtier_dot_v1_dot_tier__pb2.LocateReply.FromString,
+                _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/kvtier.v1.Tier/Release',
+                request_serializer=kvtier_dot_v1_dot_tier__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=kvtier_dot_v1_dot_tier__pb2.ReleaseReply.FromString,
+                _registered_method=True)
+        self.Reserve = channel.unary_unary(
+                '/kvtier.v1.Tier/Reserve',
+                request_serializer=kvtier_dot_v1_dot_tier__pb2.ReserveRequest.SerializeToString,
+                response_deserializer=kvtier_dot_v1_dot_tier__pb2.ReserveReply.FromString,
+                _registered_method=True)
+        self.Commit = channel.unary_unary(
+                '/kvtier.v1.Tier/Commit',
+                request_serializer=kvtier_dot_v1_dot_tier__pb2.CommitRequest.SerializeToString,
+                response_deserializer=kvtier_dot_v1_dot_tier__pb2.PutReply.FromString,
+                _registered_method=True)
 
 
 class TierServicer:
@@ -152,6 +172,33 @@ class TierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Locate(self, request, context):
+        """NIXL data plane (Health.nixl_agent set): where payloads are, under a lease that keeps
+        them from being evicted or overwritten until Release or expiry; the client READs them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reserve(self, request, context):
+        """One-sided writes: reserve extents, WRITE them, commit them as entries (else they expire).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Commit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -204,6 +251,26 @@ def add_TierServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=kvtier_dot_v1_dot_tier__pb2.HealthRequest.FromString,
                     response_serializer=kvtier_dot_v1_dot_tier__pb2.HealthReply.SerializeToString,
+            ),
+            'Locate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Locate,
+                    request_deserializer=kvtier_dot_v1_dot_tier__pb2.LocateRequest.FromString,
+                    response_serializer=kvtier_dot_v1_dot_tier__pb2.LocateReply.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=kvtier_dot_v1_dot_tier__pb2.ReleaseRequest.FromString,
+                    response_serializer=kvtier_dot_v1_dot_tier__pb2.ReleaseReply.SerializeToString,
+            ),
+            'Reserve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reserve,
+                    request_deserializer=kvtier_dot_v1_dot_tier__pb2.ReserveRequest.FromString,
+                    response_serializer=kvtier_dot_v1_dot_tier__pb2.ReserveReply.SerializeToString,
+            ),
+            'Commit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Commit,
+                    request_deserializer=kvtier_dot_v1_dot_tier__pb2.CommitRequest.FromString,
+                    response_serializer=kvtier_dot_v1_dot_tier__pb2.PutReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -476,6 +543,114 @@ class Tier:
             '/kvtier.v1.Tier/Health',
             kvtier_dot_v1_dot_tier__pb2.HealthRequest.SerializeToString,
             kvtier_dot_v1_dot_tier__pb2.HealthReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Locate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.v1.Tier/Locate',
+            kvtier_dot_v1_dot_tier__pb2.LocateRequest.SerializeToString,
+            kvtier_dot_v1_dot_tier__pb2.LocateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.v1.Tier/Release',
+            kvtier_dot_v1_dot_tier__pb2.ReleaseRequest.SerializeToString,
+            kvtier_dot_v1_dot_tier__pb2.ReleaseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reserve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.v1.Tier/Reserve',
+            kvtier_dot_v1_dot_tier__pb2.ReserveRequest.SerializeToString,
+            kvtier_dot_v1_dot_tier__pb2.ReserveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Commit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.v1.Tier/Commit',
+            kvtier_dot_v1_dot_tier__pb2.CommitRequest.SerializeToString,
+            kvtier_dot_v1_dot_tier__pb2.PutReply.FromString,
             options,
             channel_credentials,
             insecure,
