@@ -1,7 +1,8 @@
 """Backend factory: a tier URL picks the medium.
 
 - ``memory://`` (optionally ``?capacity=4GiB&eviction=lru``): in-process store;
-- ``grpc://host:port``: a ``kvtier serve`` tier server;
+- ``grpc://host:port``: a ``kvtier serve`` tier server (``grpcs://``: over TLS; CA, client
+  certificate and bearer token as options or ``KVTIER_TLS_*`` / ``KVTIER_TOKEN[_FILE]``);
 - ``redis://`` / ``rediss://``: standalone Redis (ACL user/password and TLS in the URL);
 - ``redis+cluster://host:port,host:port`` (or ``rediss+cluster://``): Redis Cluster seeds.
 """
@@ -37,7 +38,7 @@ def open_backend(url: str, **options: Any) -> Backend:
                 policy = q.get("eviction", options.pop("eviction", "lru"))
                 _EMBEDDED[url] = MemoryBackend(capacity, policy=policy)
             return _EMBEDDED[url]
-    if scheme == "grpc":
+    if scheme in ("grpc", "grpcs"):
         from kvtier.backends.grpc import GrpcBackend
 
         return GrpcBackend(url, **options)

@@ -20,8 +20,10 @@ import mmap
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import grpc
@@ -30,10 +32,15 @@ from kvtier.backends.base import Backend, BackendError, BackendStats, EntryInfo,
 from kvtier.lookup import BoundaryDetail, GroupKind, LookupQuery, LookupResult, StopReason
 from kvtier.proto import tier_pb2 as pb
 from kvtier.proto import tier_pb2_grpc as pb_grpc
+from kvtier.security import ClientSecurity
 from kvtier.transport import tcp_bulk as bulk
 from kvtier.transport.grpc_channel import CLIENT_OPTIONS, identity, split_data_chunk
 
+if TYPE_CHECKING:
+    from kvtier.transport.nixl import NixlPath
+
 PUT_BATCH_BYTES = 8 << 20
+TRANSPORTS = ("auto", "nixl", "tcp", "grpc")
 log = logging.getLogger("kvtier.grpc")
 _KIND = {GroupKind.ATTENTION: pb.ATTENTION, GroupKind.STATE: pb.STATE}
 
@@ -44,8 +51,8 @@ class _BulkFailed(Exception):
 
 def parse_grpc_url(url: str) -> str:
     parts = urlsplit(url)
-    if parts.scheme != "grpc" or not parts.hostname or not parts.port:
-        raise ValueError(f"tier url {url!r} must look like grpc://HOST:PORT")
+    if parts.scheme not in ("grpc", "grpcs") or not parts.hostname or not parts.port:
+        raise ValueError(f"tier url {url!r} must look like grpc://HOST:PORT (grpcs:// for TLS)")
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     return f"{host}:{parts.port}"
 
@@ -55,7 +62,8 @@ class GrpcBackend(Backend):
 
     def __init__(self, url: str, timeout_s: float = 2.0, streams: int = 4,
                  chunk_bytes: int = 1 << 20, bulk: bool = True, reuse_buffer: bool = False,
-                 bulk_retry_s: float = 5.0):
+                 transport: str = "auto",
+                 bulk_retry_s: float = 5.0, **security: str | None):
         """``timeout_s`` bounds every call (bulk socket reads and a gRPC fallback
         included): a dead or hung tier costs one timeout and a :class:`BackendError`,
         never a hang. A bulk connect may take half of it, so a filtered bulk port still
@@ -66,13 +74,23 @@ class GrpcBackend(Backend):
         are never overwritten under a caller that kept them). A loader that
         consumes each read before the next skips a page-faulting allocation of the
         whole read per restore, at the price of holding that memory.
+
+        ``transport``: ``auto`` (or ``nixl``) reads and writes over NIXL when the tier's
+        Health advertises an agent and NIXL imports here, else over the bulk TCP port,
+        else gRPC streaming; ``tcp`` skips NIXL; ``grpc`` uses gRPC streaming only.
+        A NIXL transfer that fails makes its keys misses and NIXL is retried
+        ``bulk_retry_s`` later (:class:`kvtier.transport.nixl.NixlPath`).
+
+        ``security``: TLS and token options of
+        :meth:`kvtier.security.ClientSecurity.from_options` (``grpcs://`` means TLS).
         """
         self.url = url
         self.target = parse_grpc_url(url)
         self.timeout_s = timeout_s
         self.streams = max(1, streams)
         self.chunk_bytes = chunk_bytes
-        self._channel = grpc.insecure_channel(self.target, options=CLIENT_OPTIONS)
+        self._security = ClientSecurity.from_options(url, **security)
+        self._channel = self._security.channel(self.target, CLIENT_OPTIONS)
         self._stub = pb_grpc.TierStub(self._channel)
         # Bulk chunks arrive as raw serialized messages; framing is parsed by hand.
         self._get_raw = self._channel.unary_stream(
@@ -87,6 +105,17 @@ class GrpcBackend(Backend):
         self._bulk_retry_at = 0.0  # monotonic time before which reads skip the bulk port
         self._last_fallback_warn = 0.0
         self.bulk_fallbacks = 0  # bulk reads served over gRPC instead
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, "
+                             f"got {transport!r}")
+        self.transport = transport
+        self._use_bulk = bulk and transport != "grpc"
+        self._nixl: NixlPath | None = None
+        if transport in ("auto", "nixl"):
+            from kvtier.transport.nixl import NixlPath
+
+            self._nixl = NixlPath(self._stub, timeout_s, bulk_retry_s, url)
+        self.bytes_by_transport: Counter[str] = Counter()  # payload bytes read and written
 
     def _err(self, what: str, e: grpc.RpcError) -> BackendError:
         code = e.code() if hasattr(e, "code") else None
@@ -191,6 +220,7 @@ class GrpcBackend(Backend):
                     (host, self._bulk_port), timeout=max(1e-3, min(
                         deadline - time.monotonic(), self.timeout_s / 2)))
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock = self._security.wrap_bulk(sock, host)  # TLS, token hello
                 self._bulk_local.sock = sock
             sock.settimeout(max(1e-3, deadline - time.monotonic()))
             sock.sendall(bulk.encode_request(keys))
@@ -219,6 +249,13 @@ class GrpcBackend(Backend):
         if not keys:
             return []
         deadline = time.monotonic() + self.timeout_s
+        if self._nixl is not None:
+            try:
+                got = self._nixl.get(keys, deadline)
+            except grpc.RpcError as e:
+                raise self._err("locate", e) from None
+            if got is not None:
+                return self._count("nixl", got)  # type: ignore[return-value]
         if self._use_bulk and time.monotonic() >= self._bulk_retry_at:
             try:
                 got = self._bulk_get(keys, deadline)
@@ -226,7 +263,7 @@ class GrpcBackend(Backend):
                 self._bulk_failed(e)
             else:
                 if got is not None:
-                    return got  # type: ignore[return-value]
+                    return self._count("tcp", got)  # type: ignore[return-value]
                 # No bulk port advertised: ask Health again later, not on every read.
                 self._bulk_retry_at = time.monotonic() + self._bulk_retry_s
         remaining = deadline - time.monotonic()
@@ -235,13 +272,17 @@ class GrpcBackend(Backend):
                                f"timeout_s={self.timeout_s}s (bulk port)")
         n = min(self.streams, max(1, len(keys) // 16))
         if n == 1:
-            return self._get_one_stream(keys, remaining)  # type: ignore[return-value]
+            return self._count("grpc", self._get_one_stream(keys, remaining))
         step = -(-len(keys) // n)
         parts = [keys[i:i + step] for i in range(0, len(keys), step)]
         out: list = []
         for part in self._pool.map(lambda p: self._get_one_stream(p, remaining), parts):
             out.extend(part)
-        return out
+        return self._count("grpc", out)
+
+    def _count(self, transport: str, values: list) -> list:
+        self.bytes_by_transport[transport] += sum(len(v) for v in values if v is not None)
+        return values
 
     # -- writes and admin ----------------------------------------------------------
     def put_many(self, items: Sequence[PutItem]) -> int:
@@ -258,6 +299,15 @@ class GrpcBackend(Backend):
 
         if not items:
             return 0
+        if self._nixl is not None:
+            try:
+                stored = self._nixl.put(items, time.monotonic() + self.timeout_s * 4)
+            except grpc.RpcError as e:
+                raise self._err("reserve/commit", e) from None
+            if stored is not None:
+                self.bytes_by_transport["nixl"] += sum(len(it.value) for it in items)
+                return stored
+        self.bytes_by_transport["grpc"] += sum(len(it.value) for it in items)
         try:
             return self._stub.Put(batches(), timeout=self.timeout_s * 4).stored
         except grpc.RpcError as e:
@@ -300,7 +350,7 @@ class GrpcBackend(Backend):
     def health(self) -> dict:
         r = self._unary("health", self._stub.Health, pb.HealthRequest())
         return {"ok": r.ok, "backend": r.backend, "version": r.version, "entries": r.entries,
-                "bulk_port": r.bulk_port, "url": self.url}
+                "bulk_port": r.bulk_port, "nixl_agent": r.nixl_agent, "url": self.url}
 
     def close(self) -> None:
         sock = getattr(self._bulk_local, "sock", None)

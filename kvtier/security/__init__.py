@@ -55,10 +55,15 @@ def server_security(config: Any, backend: Any, metrics: Any = None) -> ServerSec
         if config.tls_cert else None
     access = None
     if config.auth_token_file:
+        from kvtier.config import ConfigError
         from kvtier.security.access import Access
         from kvtier.security.tokens import TokenRegistry
 
-        access = Access(TokenRegistry(config.auth_token_file), backend, metrics)
+        try:
+            registry = TokenRegistry(config.auth_token_file)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        access = Access(registry, backend, metrics)
     return ServerSecurity(tls, access)
 
 
@@ -75,3 +80,47 @@ def client_channel(target: str, options: list, tls: ClientTLS | None = None,
 
         channel = grpc.intercept_channel(channel, BearerAuth(token))
     return channel
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """A tier client's TLS settings and bearer token (``__repr__`` never shows the token)."""
+
+    tls: ClientTLS | None = None
+    token: str | None = None
+
+    def __repr__(self) -> str:
+        return f"ClientSecurity(tls={self.tls!r}, token={'<set>' if self.token else None})"
+
+    @classmethod
+    def from_options(cls, url: str, tls_ca: str | None = None, tls_cert: str | None = None,
+                     tls_key: str | None = None, tls_server_name: str | None = None,
+                     token: str | None = None, token_file: str | None = None,
+                     token_env: str | None = "KVTIER_TOKEN") -> ClientSecurity:
+        """``grpcs://`` turns TLS on; unset options fall back to ``KVTIER_TLS_CA``,
+        ``KVTIER_TLS_CERT``, ``KVTIER_TLS_KEY``, ``KVTIER_TOKEN_FILE`` and ``$token_env``."""
+        import os
+
+        from kvtier.security.tokens import read_token
+
+        env = os.environ.get
+        tls = None
+        if url.startswith("grpcs://"):
+            tls = ClientTLS(tls_ca or env("KVTIER_TLS_CA"), tls_cert or env("KVTIER_TLS_CERT"),
+                            tls_key or env("KVTIER_TLS_KEY"), tls_server_name)
+        tok = read_token(token, token_file or env("KVTIER_TOKEN_FILE"), token_env)
+        return cls(tls, tok)
+
+    def channel(self, target: str, options: list) -> grpc.Channel:
+        return client_channel(target, options, self.tls, self.token)
+
+    def wrap_bulk(self, sock: Any, host: str) -> Any:
+        """TLS around a fresh bulk connection, then the hello frame with the token."""
+        if self.tls is not None:
+            sock = self.tls.ssl_context().wrap_socket(
+                sock, server_hostname=self.tls.server_name or host)
+        if self.token:
+            from kvtier.security.bulk_auth import encode_hello
+
+            sock.sendall(encode_hello(self.token))
+        return sock

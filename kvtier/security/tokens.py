@@ -125,8 +125,9 @@ class TokenRegistry:
         self.tokens = TokenSet()
         self.reloads = 0
         self.listeners: list = []  # called with the new TokenSet after each reload
+        self.error = ""
         if not self.reload():
-            raise ValueError(f"cannot use --auth-token-file {self.path}: see the log")
+            raise ValueError(f"cannot use --auth-token-file {self.path}: {self.error}")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="kvtier-auth-watch", daemon=True)
         self._thread.start()
@@ -141,6 +142,7 @@ class TokenRegistry:
             stamp = self._file_stamp()
             tokens = parse_token_file(self.path.read_bytes())
         except (OSError, ValueError, KeyError, TypeError) as e:
+            self.error = str(e)
             log.error("auth token file %s not loaded (%s); keeping the previous tokens",
                       self.path, e)
             return False

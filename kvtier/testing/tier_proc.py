@@ -51,18 +51,23 @@ class TierProcess:
 
     def __init__(self, port: int | None = None, host: str = "127.0.0.1",
                  capacity: str = "2GiB", extra_args: tuple[str, ...] = (),
-                 launcher: tuple[str, ...] = ()):
+                 launcher: tuple[str, ...] = (), tls_ca: str | None = None,
+                 client_options: dict[str, str] | None = None):
         """``launcher`` prefixes the command (e.g. ``ip netns exec NODE``); give an
-        explicit ``port`` then, since a free port is probed on this host."""
+        explicit ``port`` then, since a free port is probed on this host. ``tls_ca``: the
+        server serves TLS (``--tls-cert`` in ``extra_args``); its URL is ``grpcs://``;
+        ``client_options`` (e.g. a client certificate) go to the readiness probe's client."""
         self.launcher = launcher
         self.host, self.port = host, port or free_port(host)
         self.capacity, self.extra_args = capacity, extra_args
+        self.tls_ca = tls_ca
+        self.client_options = {**({"tls_ca": tls_ca} if tls_ca else {}), **(client_options or {})}
         self.proc: subprocess.Popen | None = None
         self.log_path = os.path.join(tempfile.mkdtemp(prefix="kvtier-tier-"), "tier.log")
 
     @property
     def url(self) -> str:
-        return f"grpc://{self.host}:{self.port}"
+        return f"{'grpcs' if self.tls_ca else 'grpc'}://{self.host}:{self.port}"
 
     def start(self, timeout_s: float = 30.0) -> TierProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
@@ -78,7 +83,7 @@ class TierProcess:
                 with open(self.log_path) as f:
                     raise RuntimeError(f"kvtier serve exited: {f.read()[-2000:]}")
             try:
-                with open_backend(self.url, timeout_s=1.0) as b:
+                with open_backend(self.url, timeout_s=1.0, **self.client_options) as b:
                     b.health()
                 return self
             except BackendError:
