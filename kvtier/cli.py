@@ -67,7 +67,7 @@ def serve(
     capacity: Annotated[str, typer.Option(help="memory store size, e.g. 4GiB")] = "4GiB",
     backend: Annotated[str, typer.Option(help="memory (embedded, default) or redis")] = "memory",
     redis_url: Annotated[str | None, typer.Option(help="for --backend redis")] = None,
-    eviction: Annotated[str, typer.Option(help="memory store eviction: lru or fifo")] = "lru",
+    eviction: Annotated[str, typer.Option(help="memory store eviction: lru, fifo, value")] = "lru",
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus /metrics port")] = None,
     bulk_port: Annotated[int, typer.Option(
         help="raw-TCP bulk read port (0: any free port; -1: off)")] = 0,
@@ -83,6 +83,9 @@ def serve(
         help="mutual TLS: require client certificates signed by this CA")] = None,
     auth_token_file: Annotated[str | None, typer.Option(
         help="bearer tokens bound to tenants and roles (JSON; re-read on SIGHUP/change)")] = None,
+    nixl: Annotated[bool | None, typer.Option(
+        "--nixl/--no-nixl", help="NIXL data plane (default: on when nixl imports, memory "
+        "backend, no TLS)")] = None,
 ) -> None:
     """Run the tier server (the main job). The embedded in-memory store is the default."""
     import logging
@@ -96,7 +99,7 @@ def serve(
             eviction=eviction, metrics_port=metrics_port,
             bulk_port=None if bulk_port < 0 else bulk_port, snapshot_dir=snapshot_dir,
             snapshot_interval_s=snapshot_interval, tls_cert=tls_cert, tls_key=tls_key,
-            tls_client_ca=tls_client_ca, auth_token_file=auth_token_file))
+            tls_client_ca=tls_client_ca, auth_token_file=auth_token_file, nixl=nixl))
     except ConfigError as e:
         fail(str(e), 2)
     try:

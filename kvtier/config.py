@@ -59,12 +59,16 @@ class ServerConfig(_Strict):
     capacity: int = Field(4 << 30, description="bytes of payload the memory store may hold")
     backend: Literal["memory", "redis"] = "memory"
     redis_url: str | None = None
-    eviction: Literal["lru", "fifo"] = "lru"
+    eviction: Literal["lru", "fifo", "value"] = "lru"
     metrics_port: int | None = Field(None, ge=0, le=65535)
     bulk_port: int | None = Field(
         0, ge=0, le=65535,
         description="raw-TCP bulk read port (0: any free port, advertised by Health; None: off)")
     max_workers: int = Field(8, ge=1, le=256)
+    nixl: bool | None = Field(
+        None, description="NIXL data plane (memory store in registered arena regions, a NIXL "
+        "agent, leased one-sided reads and writes); None: on when nixl imports, the backend is "
+        "memory and TLS is off (NIXL bytes are not encrypted)")
     snapshot_dir: str | None = Field(
         None, description="memory store: load this directory's snapshot at start, write it on "
         "shutdown (warm restart)")
@@ -102,6 +106,10 @@ class ConnectorConfig(_Strict):
     tenant: str = Field("", description="salt separating tenants that must not share blocks")
     timeout_s: float = Field(2.0, gt=0, le=600, description="per tier call")
     retry_after_s: float = Field(5.0, ge=0, description="back-off after the tier failed")
+    transport: Literal["auto", "nixl", "tcp", "grpc"] = Field(
+        "auto", description="how a grpc:// tier's reads move: auto = NIXL when both sides have "
+        "it, else the bulk TCP port, else gRPC streaming; nixl/tcp = prefer that one (falls back "
+        "down the same order when the tier lacks it); grpc = gRPC streaming only")
     save: bool = True
     load: bool = True
     save_queue_blocks: int = Field(4096, ge=1, description="blocks waiting for upload before drops")

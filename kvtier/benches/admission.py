@@ -73,3 +73,16 @@ def _print(console: Any, rows: list[dict], goals: dict, model: str) -> None:
         cells.append(" ".join(("yes" if v else "NO") for v in g.values()))
         t.add_row(*cells)
     console.print(t)
+
+
+if __name__ == "__main__":  # python -m kvtier.benches.admission [--model M] [--requests N]
+    import argparse
+
+    from rich.console import Console
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="qwen3-next-80b")
+    ap.add_argument("--requests", type=int, default=400)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    run_admission_bench(Console(width=200), a.model, a.requests, a.seed)
