@@ -78,7 +78,11 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
             log.warning("kvtier connector idle: %s", e)
             self.layout = None
             return
-        tier = GuardedBackend(self.cfg.tier_url, self.cfg.timeout_s, self.cfg.retry_after_s)
+        def guarded() -> GuardedBackend:  # TLS and token options reach gRPC tiers
+            return GuardedBackend(self.cfg.tier_url, self.cfg.timeout_s, self.cfg.retry_after_s,
+                                  options=self.cfg.tier_options())
+
+        tier = guarded()
         if role == KVConnectorRole.SCHEDULER:
             self._sched = SchedulerSide(self.cfg, self.layout, tier, self.stats,
                                         self._kv_transfer_config.kv_role)
@@ -89,7 +93,7 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
                 rank = get_tensor_model_parallel_rank()
             except Exception:  # noqa: BLE001 - no TP group outside a worker
                 rank = 0
-            upload = GuardedBackend(self.cfg.tier_url, self.cfg.timeout_s, self.cfg.retry_after_s)
+            upload = guarded()
             self._worker = WorkerSide(self.cfg, self.layout, tier, upload, self.stats, rank,
                                       kv_cache_config.num_blocks)
         if self.cfg.metrics_port is not None and role == KVConnectorRole.SCHEDULER:

@@ -27,20 +27,22 @@ log = logging.getLogger("kvtier.connector")
 T = TypeVar("T")
 
 
-def _open(url: str, timeout_s: float) -> Backend:
+def _open(url: str, timeout_s: float, **options: object) -> Backend:
+    """``options``: extra client options (a gRPC tier's TLS and token settings)."""
     if url.startswith("memory"):
         return open_backend(url)
     if url.startswith("grpc"):
         # Loads consume fetched bytes at once: let bulk reads reuse one buffer.
-        return open_backend(url, timeout_s=timeout_s, reuse_buffer=True)
+        return open_backend(url, timeout_s=timeout_s, reuse_buffer=True, **options)
     return open_backend(url, timeout_s=timeout_s)
 
 
 class GuardedBackend:
     def __init__(self, url: str, timeout_s: float, retry_after_s: float,
-                 opener: Callable[[], Backend] | None = None):
+                 opener: Callable[[], Backend] | None = None,
+                 options: dict[str, object] | None = None):
         self.url = url
-        self._opener = opener or (lambda: _open(url, timeout_s))
+        self._opener = opener or (lambda: _open(url, timeout_s, **(options or {})))
         self._backend: Backend | None = None
         self._retry_after_s = retry_after_s
         self._down_until = 0.0

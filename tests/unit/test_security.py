@@ -282,3 +282,19 @@ def test_mutual_tls_requires_a_client_certificate(pki: Pki) -> None:
     finally:
         tier.stop()
         tier.kill()
+
+
+def test_connector_options_reach_the_tier(secure_tier: TierProcess, stored: dict,
+                                          tmp_path: Path) -> None:
+    """kv_connector_extra_config's TLS and token-file options, as the connector opens its tier."""
+    from kvtier.backends.guard import GuardedBackend
+    from kvtier.config import ConnectorConfig
+
+    (tmp_path / "token").write_text(TOKENS["acme"] + "\n")
+    cfg = ConnectorConfig(tier_url=secure_tier.url, tls_ca=secure_tier.tls_ca,
+                          auth_token_file=str(tmp_path / "token"))
+    tier = GuardedBackend(cfg.tier_url, 5, 1, options=cfg.tier_options())
+    ns, items = stored["acme"]
+    assert tier.lookup(_query(ns)).boundary == len(HASHES)
+    assert [bytes(v) for v in tier.get_many([items[2].key])] == [items[2].value]
+    assert TOKENS["acme"] not in repr(cfg) + repr(tier._backend.__dict__)  # never printed
