@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from kvtier.backends.base import PutItem
-from kvtier.keys import namespace_prefix
+from kvtier.keys import is_manifest_key, namespace_prefix
 from kvtier.security.access import Access, namespace_of
 from kvtier.security.tokens import AuthError, Principal
 
@@ -25,7 +25,8 @@ _CODES = {"unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
           "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
           "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED}
 ROLE = {"Lookup": "read", "Get": "read", "Contains": "read", "Scan": "read", "Stats": "read",
-        "Put": "write", "Delete": "write", "Pin": "admin", "Flush": "admin"}
+        "Put": "write", "Delete": "write", "Pin": "admin", "Flush": "admin",
+        "Locate": "read", "Release": "read", "Reserve": "write", "Commit": "write"}
 OPEN = {"Health"}
 
 
@@ -79,6 +80,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
             except AuthError as e:
                 _abort(context, e)
             out = fn(request, context)
+            if "items" in {f.name for f in request.DESCRIPTOR.fields}:
+                self._claim_committed(p, request, context)
             if name == "Scan" and not p.everywhere:
                 keep = access.filter_entries(p, [e.key for e in out.entries])
                 kept = [e for e, ok in zip(out.entries, keep) if ok]
@@ -110,8 +113,25 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
         return run
 
+    def _claim_committed(self, p: Principal, request: Any, context: grpc.ServicerContext) -> None:
+        """Manifests written one-sided (NIXL commit): proved from the bytes that landed;
+        one that proves nothing for the caller is deleted and the call refused."""
+        for it in request.items:
+            if not is_manifest_key(it.key):
+                continue
+            value = self.access.backend.get_many([it.key])[0]
+            try:
+                self.access.check_put(p, [PutItem(it.key, bytes(value or b""))])
+            except AuthError as e:
+                self.access.backend.delete_many([it.key])
+                _abort(context, e)
+
     def _check_request(self, p: Principal, request: Any) -> None:
         fields = {f.name for f in request.DESCRIPTOR.fields}
+        if "items" in fields:  # one-sided writes (NIXL commit): keys and parents, no bytes
+            keys = [it.key for it in request.items if not is_manifest_key(it.key)
+                    or self.access.owners.get(namespace_of(it.key) or b"") is not None]
+            self.access.check_keys(p, keys + [it.parent for it in request.items if it.parent])
         if "keys" in fields:
             self.access.check_keys(p, list(request.keys))
         if "namespace" in fields and request.namespace:

@@ -52,11 +52,15 @@ class TierProcess:
     def __init__(self, port: int | None = None, host: str = "127.0.0.1",
                  capacity: str = "2GiB", extra_args: tuple[str, ...] = (),
                  launcher: tuple[str, ...] = (), tls_ca: str | None = None,
-                 client_options: dict[str, str] | None = None):
+                 client_options: dict[str, str] | None = None, nixl: bool = False):
         """``launcher`` prefixes the command (e.g. ``ip netns exec NODE``); give an
         explicit ``port`` then, since a free port is probed on this host. ``tls_ca``: the
         server serves TLS (``--tls-cert`` in ``extra_args``); its URL is ``grpcs://``;
-        ``client_options`` (e.g. a client certificate) go to the readiness probe's client."""
+        ``client_options`` (e.g. a client certificate) go to the readiness probe's client.
+        ``nixl``: run the NIXL data plane (``start`` then waits until Health advertises it).
+        Off by default here, unlike ``kvtier serve``: tests opt in, so the transport every
+        other test reads over stays the bulk port, as their counts expect."""
+        self.nixl = nixl
         self.launcher = launcher
         self.host, self.port = host, port or free_port(host)
         self.capacity, self.extra_args = capacity, extra_args
@@ -73,7 +77,8 @@ class TierProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
             [*self.launcher, sys.executable, "-m", "kvtier.cli", "serve", "--host", self.host,
-             "--port", str(self.port), "--capacity", self.capacity, *self.extra_args],
+             "--port", str(self.port), "--capacity", self.capacity,
+             "--nixl" if self.nixl else "--no-nixl", *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()
@@ -84,8 +89,9 @@ class TierProcess:
                     raise RuntimeError(f"kvtier serve exited: {f.read()[-2000:]}")
             try:
                 with open_backend(self.url, timeout_s=1.0, **self.client_options) as b:
-                    b.health()
-                return self
+                    if b.health().get("nixl_agent") or not self.nixl:
+                        return self
+                time.sleep(0.2)
             except BackendError:
                 time.sleep(0.2)
         raise RuntimeError(f"kvtier serve not healthy after {timeout_s}s")
