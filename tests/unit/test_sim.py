@@ -132,3 +132,16 @@ def test_cli_sim_on_a_trace_file(tmp_path) -> None:  # noqa: ANN001
     assert d["capacity_bytes"] == d["working_set_bytes"] // 2
     bad = CliRunner().invoke(app, ["sim", "--gen", "nope"])
     assert bad.exit_code == 2
+
+
+def test_bench_admission_runs_every_config_side_by_side() -> None:
+    from kvtier.benches.admission import CAPACITIES, CONFIGS, run_admission_bench
+
+    res = run_admission_bench(None, requests=30, traces=("sysprompt",))
+    rows = res["rows"]
+    assert [(r["capacity"], r["admission"], r["eviction"]) for r in rows] == [
+        (c, a, e) for c in CAPACITIES for a, e in CONFIGS]
+    assert len({r["working_set_bytes"] for r in rows}) == 1
+    small = [r for r in rows if r["capacity"] == "5%"]
+    assert all(r["capacity_bytes"] == r["working_set_bytes"] // 20 for r in small)
+    assert set(res["goals"]) == {f"sysprompt@{c}" for c in CAPACITIES}
