@@ -143,5 +143,5 @@ def test_bench_admission_runs_every_config_side_by_side() -> None:
         (c, a, e) for c in CAPACITIES for a, e in CONFIGS]
     assert len({r["working_set_bytes"] for r in rows}) == 1
     small = [r for r in rows if r["capacity"] == "5%"]
-    assert all(r["capacity_bytes"] == r["working_set_bytes"] // 20 for r in small)
+    assert all(abs(r["capacity_bytes"] - r["working_set_bytes"] / 20) <= 1 for r in small)
     assert set(res["goals"]) == {f"sysprompt@{c}" for c in CAPACITIES}
