@@ -83,6 +83,10 @@ def serve(
         help="mutual TLS: require client certificates signed by this CA")] = None,
     auth_token_file: Annotated[str | None, typer.Option(
         help="bearer tokens bound to tenants and roles (JSON; re-read on SIGHUP/change)")] = None,
+    stream_idle: Annotated[float, typer.Option(
+        help="cancel an upload stream idle this many seconds (stalled client); 0: never")] = 30,
+    bulk_max_connections: Annotated[int, typer.Option(
+        help="bulk port connections at once (more: closed, clients read over gRPC)")] = 512,
     nixl: Annotated[bool | None, typer.Option(
         "--nixl/--no-nixl", help="NIXL data plane (default: on when nixl imports, memory "
         "backend, no TLS)")] = None,
@@ -99,7 +103,8 @@ def serve(
             eviction=eviction, metrics_port=metrics_port,
             bulk_port=None if bulk_port < 0 else bulk_port, snapshot_dir=snapshot_dir,
             snapshot_interval_s=snapshot_interval, tls_cert=tls_cert, tls_key=tls_key,
-            tls_client_ca=tls_client_ca, auth_token_file=auth_token_file, nixl=nixl))
+            tls_client_ca=tls_client_ca, auth_token_file=auth_token_file,
+            stream_idle_s=stream_idle, bulk_max_connections=bulk_max_connections, nixl=nixl))
     except ConfigError as e:
         fail(str(e), 2)
     try:

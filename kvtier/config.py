@@ -81,6 +81,11 @@ class ServerConfig(_Strict):
     auth_token_file: str | None = Field(
         None, description="JSON bearer tokens bound to tenants and roles (kvtier.security.tokens)"
         "; re-read on SIGHUP and on change")
+    stream_idle_s: float = Field(30, ge=0, description="cancel an upload stream that sent "
+                                 "nothing this long (a stalled client holds a worker); 0: never")
+    max_concurrent_rpcs: int = Field(1024, ge=1, description="more at once: RESOURCE_EXHAUSTED")
+    bulk_max_connections: int = Field(512, ge=1, description="bulk port connections at once")
+    bulk_idle_s: float = Field(600, ge=0, description="close a bulk connection idle this long")
 
     @field_validator("capacity", mode="before")
     @classmethod

@@ -52,7 +52,9 @@ class ServerMetrics:
                                 ["method", "code"], registry=r)
         self.latency = Histogram("kvtier_request_seconds", "Tier RPC latency", ["method"],
                                  buckets=_BUCKETS, registry=r)
-        self.bytes = Counter("kvtier_bytes", "Payload bytes moved", ["direction"], registry=r)
+        self.bytes = Counter("kvtier_bytes", "Payload bytes moved by direction and transport "
+                             "(grpc, tcp: the bulk port, nixl: one-sided reads/writes)",
+                             ["direction", "transport"], registry=r)
         self.blocks = Counter("kvtier_block_reads", "Blocks asked for by outcome", ["outcome"],
                               registry=r)
         self.refusals = Counter("kvtier_refused", "Requests refused by authentication, tenant, "
@@ -67,8 +69,8 @@ class ServerMetrics:
     def refused(self, reason: str) -> None:
         self.refusals.labels(reason).inc()
 
-    def moved(self, direction: str, nbytes: int) -> None:
-        self.bytes.labels(direction).inc(nbytes)
+    def moved(self, direction: str, nbytes: int, transport: str = "grpc") -> None:
+        self.bytes.labels(direction, transport).inc(nbytes)
 
     def hits(self, hits: int, misses: int) -> None:
         self.blocks.labels("hit").inc(hits)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-from kvtier.backends.arena import DEFAULT_REGION_BYTES, Arena, Extent
+from kvtier.backends.arena import DEFAULT_REGION_BYTES, GEN_BYTES, Arena, Extent
 from kvtier.backends.base import BackendStats, PutItem
 from kvtier.backends.eviction import EvictionPolicy
 from kvtier.backends.memory import MemoryBackend, _Entry
@@ -32,7 +32,7 @@ class Located:
 
     region: int
     offset: int
-    length: int  # generation word + payload
+    length: int  # generation word + payload (the extent itself may be padded)
     generation: int
     checksum: int  # xxh3-64 of the payload
 
@@ -152,8 +152,8 @@ class ArenaMemoryBackend(MemoryBackend):
                 e.leases += 1  # type: ignore[union-attr]
                 ext.refs += 1
                 held.append((k, e.serial, ext))  # type: ignore[union-attr]
-                out.append(Located(ext.region, ext.offset, ext.length, ext.generation,
-                                   ext.checksum))
+                out.append(Located(ext.region, ext.offset, GEN_BYTES + ext.payload_len,
+                                   ext.generation, ext.checksum))
             lease_id = 0
             if held:
                 lease_id = next(self._ids)
@@ -178,18 +178,18 @@ class ArenaMemoryBackend(MemoryBackend):
                 exts.append(ext)
             rid = next(self._ids)
             self._reserved[rid] = (now + ttl_s, exts)
-        return rid, [None if x is None else Located(x.region, x.offset, x.length, x.generation, 0)
-                     for x in exts]
+        return rid, [None if x is None else Located(x.region, x.offset, GEN_BYTES + x.payload_len,
+                                                    x.generation, 0) for x in exts]
 
     def commit(self, reservation: int,
-               items: Sequence[tuple[int, bytes, bytes | None, int]]) -> int:
+               items: Sequence[tuple[int, bytes, bytes | None, int]]) -> tuple[int, int]:
         """Store written extents ``(index, key, parent, checksum)`` of a reservation as
         entries, parents first; a payload whose checksum differs from the given one is refused.
-        Returns how many were stored; the rest of the reservation is freed."""
+        Returns how many were stored and their bytes; the rest of the reservation is freed."""
         with self._lock:
             got = self._reserved.pop(reservation, None)
             if got is None:
-                return 0
+                return 0, 0
             exts = got[1]
             values: list[PutItem] = []
             for i, key, parent, digest in items:
@@ -204,7 +204,11 @@ class ArenaMemoryBackend(MemoryBackend):
                     self._unref(ext)
         # Stored through the ordinary path (verdicts, parents, eviction) by copy: the
         # extents are freed first, so the copies may land in the very same space.
-        return self.put_many(values)
+        return self.put_many(values), sum(len(it.value) for it in values)
+
+    def outstanding(self) -> bool:
+        """Leases or reservations exist: one-sided transfers may be under way."""
+        return bool(self._leases or self._reserved)
 
     def stats(self) -> BackendStats:
         s = super().stats()

@@ -33,9 +33,10 @@ from kvtier.transport.grpc_channel import (
     data_chunk,
     identity,
 )
-from kvtier.transport.validation import MAX_VALUE, BadRequest, check_keys
+from kvtier.transport.validation import MAX_KEYS, MAX_VALUE, BadRequest, check_keys
 
 if TYPE_CHECKING:
+    from kvtier.transport.nixl import ServerPlane
     from kvtier.transport.tcp_bulk import BulkServer
 
 log = logging.getLogger("kvtier.server")
@@ -107,10 +108,11 @@ def lookup_query(req: pb.LookupRequest) -> LookupQuery:
 
 class TierServicer(pb_grpc.TierServicer):
     def __init__(self, backend: Backend, metrics: object | None = None,
-                 bulk: BulkServer | None = None):
+                 bulk: BulkServer | None = None, nixl: ServerPlane | None = None):
         self.backend = backend
         self.metrics = metrics
         self.bulk = bulk
+        self.nixl = nixl
         self.started = time.time()
 
     def _guard(self, context: grpc.ServicerContext, method: str, fn):  # noqa: ANN001
@@ -189,7 +191,7 @@ class TierServicer(pb_grpc.TierServicer):
                     nbytes += len(it.value)
                 stored += self.backend.put_many(items)
             if self.metrics is not None:
-                self.metrics.moved("in", nbytes)
+                self.metrics.moved("in", nbytes, "grpc")
             return pb.PutReply(stored=stored)
 
         return self._guard(context, "put", run)
@@ -234,9 +236,96 @@ class TierServicer(pb_grpc.TierServicer):
             return pb.HealthReply(ok=bool(h.get("ok")), backend=str(h.get("backend", "")),
                                   version=__version__, entries=int(h.get("entries", 0)),
                                   bulk_port=self.bulk.port if self.bulk and self.bulk.listening
-                                  else 0)
+                                  else 0, **self._nixl_health())
 
         return self._guard(context, "health", run)
+
+    # -- NIXL data plane -------------------------------------------------------------
+    def _nixl_health(self) -> dict:
+        plane = self.nixl
+        if plane is None or not plane.ready:
+            return {}
+        return {"nixl_agent": plane.agent.name,  # type: ignore[union-attr]
+                "nixl_metadata": plane.metadata}
+
+    def _plane(self) -> ServerPlane:
+        if self.nixl is None or not self.nixl.ready:
+            raise BadRequest("this tier has no NIXL data plane (Health.nixl_agent is empty); "
+                             "read with Get or the bulk port")
+        return self.nixl
+
+    def _extents(self, locs: Sequence) -> list[pb.Extent]:
+        arena = self.backend.arena  # type: ignore[attr-defined]
+        return [pb.Extent() if x is None else pb.Extent(
+            address=arena.base_address(x.region) + x.offset, length=x.length,
+            generation=x.generation, checksum=x.checksum) for x in locs]
+
+    def Locate(self, request, context):  # noqa: N802
+        def run() -> pb.LocateReply:
+            plane = self._plane()
+            lease_s = _seconds(request.lease_s, "lease_s")
+            plane.kick(lease_s)  # pump progress while the reader may be reading
+            lease, locs = self.backend.locate(  # type: ignore[attr-defined]
+                check_keys(list(request.keys)), lease_s)
+            if self.metrics is not None:
+                found = sum(x is not None for x in locs)
+                self.metrics.hits(found, len(locs) - found)
+            return pb.LocateReply(lease_id=lease, extents=self._extents(locs),
+                                  nixl_agent=plane.agent.name)  # type: ignore[union-attr]
+
+        return self._guard(context, "locate", run)
+
+    def Release(self, request, context):  # noqa: N802
+        def run() -> pb.ReleaseReply:
+            self._plane()
+            if request.read_bytes < 0:
+                raise BadRequest("read_bytes must be >= 0")
+            if self.metrics is not None and request.read_bytes:
+                self.metrics.moved("out", request.read_bytes, "nixl")
+            return pb.ReleaseReply(released=self.backend.release(  # type: ignore[attr-defined]
+                request.lease_id))
+
+        return self._guard(context, "release", run)
+
+    def Reserve(self, request, context):  # noqa: N802
+        def run() -> pb.ReserveReply:
+            plane = self._plane()
+            sizes = list(request.sizes)
+            if len(sizes) > MAX_KEYS:
+                raise BadRequest(f"too many extents in one call ({len(sizes)} > {MAX_KEYS})")
+            if any(not 0 <= n <= MAX_VALUE for n in sizes):
+                raise BadRequest(f"every size must be 0..{MAX_VALUE} bytes")
+            ttl_s = _seconds(request.ttl_s, "ttl_s")
+            plane.kick(ttl_s)
+            rid, locs = self.backend.reserve(sizes, ttl_s)  # type: ignore[attr-defined]
+            return pb.ReserveReply(reservation_id=rid, extents=self._extents(locs),
+                                   nixl_agent=plane.agent.name)  # type: ignore[union-attr]
+
+        return self._guard(context, "reserve", run)
+
+    def Commit(self, request, context):  # noqa: N802
+        def run() -> pb.PutReply:
+            self._plane()
+            items = []
+            for it in request.items:
+                check_keys([it.key, *([it.parent] if it.parent else [])])
+                items.append((it.index, it.key, it.parent or None, it.checksum))
+            stored, nbytes = self.backend.commit(  # type: ignore[attr-defined]
+                request.reservation_id, items)
+            if self.metrics is not None:
+                self.metrics.moved("in", nbytes, "nixl")
+            return pb.PutReply(stored=stored)
+
+        return self._guard(context, "commit", run)
+
+
+def _seconds(v: float, name: str) -> float:
+    """A lease or reservation time: 0 means the default (5 s)."""
+    if v == 0:
+        return 5.0
+    if not 0 < v <= 60:  # also refuses NaN
+        raise BadRequest(f"{name} must be in (0, 60] seconds, got {v}")
+    return v
 
 
 def method_handlers(servicer: TierServicer) -> grpc.GenericRpcHandler:
@@ -267,9 +356,24 @@ def make_backend(config: ServerConfig) -> Backend:
     if config.backend == "redis":
         assert config.redis_url is not None
         return open_backend(config.redis_url)
+    if nixl_wanted(config):
+        from kvtier.backends.arena_store import ArenaMemoryBackend
+
+        return ArenaMemoryBackend(config.capacity, policy=config.eviction)
     from kvtier.backends.memory import MemoryBackend
 
     return MemoryBackend(config.capacity, policy=config.eviction)
+
+
+def nixl_wanted(config: ServerConfig) -> bool:
+    """``nixl`` None (the default): on when NIXL imports and the store is in memory."""
+    if config.backend != "memory" or config.nixl is False:
+        return False
+    if config.nixl is None and config.tls_cert:
+        return False  # NIXL moves bytes unencrypted: only when asked for explicitly
+    from kvtier.transport.nixl import available
+
+    return config.nixl is True or available()
 
 
 def serve(config: ServerConfig, backend: Backend | None = None) -> tuple[grpc.Server, int]:
@@ -294,7 +398,8 @@ def serve(config: ServerConfig, backend: Backend | None = None) -> tuple[grpc.Se
     security = server_security(config, backend, metrics)  # TLS, tokens (after the snapshot)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers),
                          options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)],
-                         interceptors=security.interceptors())
+                         interceptors=security.interceptors(),
+                         maximum_concurrent_rpcs=config.max_concurrent_rpcs)
     # Bind the gRPC port before the bulk port: an any-port bulk listener could otherwise be
     # handed the very port the caller picked for gRPC (a free port it just probed).
     port = security.add_port(server, f"{config.host}:{config.port}")
@@ -309,7 +414,13 @@ def serve(config: ServerConfig, backend: Backend | None = None) -> tuple[grpc.Se
         bulk.start()
     server.kvtier_snapshots = snapshots  # type: ignore[attr-defined]
     server.kvtier_security = security  # type: ignore[attr-defined]
-    servicer = TierServicer(backend, metrics, bulk)
+    nixl = None
+    if hasattr(backend, "arena") and nixl_wanted(config):
+        from kvtier.transport.nixl import ServerPlane
+
+        nixl = ServerPlane(backend)
+    server.kvtier_nixl = nixl  # type: ignore[attr-defined]
+    servicer = TierServicer(backend, metrics, bulk, nixl)
     server.add_generic_rpc_handlers((method_handlers(servicer),))
     server.start()
     server.kvtier_bulk = bulk  # type: ignore[attr-defined]
@@ -334,5 +445,7 @@ def run_server(config: ServerConfig) -> None:
     if bulk is not None:
         bulk.stop()
     server.stop(grace=5).wait()
+    if server.kvtier_nixl is not None:  # type: ignore[attr-defined]
+        server.kvtier_nixl.stop()  # type: ignore[attr-defined]  # no NIXL call at exit
     if server.kvtier_snapshots is not None:  # type: ignore[attr-defined]
         server.kvtier_snapshots.stop()  # type: ignore[attr-defined]  # after the last write

@@ -256,7 +256,7 @@ class _Handler(socketserver.BaseRequestHandler):
                 continue
             if metrics is not None:
                 sizes = [len(v) for v in values if v is not None]
-                metrics.moved("out", sum(sizes))
+                metrics.moved("out", sum(sizes), "tcp")
                 metrics.hits(len(sizes), len(values) - len(sizes))
                 metrics.observe("bulk_get", "OK", time.perf_counter() - t0)
             try:
@@ -274,10 +274,19 @@ class BulkServer(socketserver.ThreadingTCPServer):
         self.metrics = metrics
         self.ssl_context: ssl.SSLContext | None = None  # set by kvtier.security (TLS)
         self.access = None  # set by kvtier.security (tokens, tenants)
+        self.connection_limit = None  # set by kvtier.security (kvtier.security.limits)
+        self._admitted: set[int] = set()
         self.listening = True  # False once the listening socket died: Health stops advertising it
         super().__init__((host, port), _Handler)
         self._thread = threading.Thread(target=self.serve_forever, name="kvtier-bulk",
                                         daemon=True)
+
+    def verify_request(self, request: socket.socket, client_address: object) -> bool:
+        return bulk_auth.admit(self, request, client_address)
+
+    def shutdown_request(self, request: socket.socket) -> None:  # type: ignore[override]
+        bulk_auth.release(self, request)
+        super().shutdown_request(request)
 
     @property
     def port(self) -> int:

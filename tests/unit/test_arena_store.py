@@ -124,12 +124,12 @@ def test_reserve_commit_and_expiry() -> None:
         b.arena.views[loc.region][start:start + len(d)] = memoryview(d)  # type: ignore[union-attr]
     stored = b.commit(rid, [(0, b"p", None, checksum(data[0])),
                             (1, b"q", b"p", checksum(b"not what was written"))])
-    assert stored == 1 and b.get_many([b"p", b"q"]) == [data[0], None]
-    assert b.commit(rid, []) == 0  # a reservation commits once
+    assert stored == (1, 1000) and b.get_many([b"p", b"q"]) == [data[0], None]
+    assert b.commit(rid, []) == (0, 0)  # a reservation commits once
     rid, _ = b.reserve([1000], ttl_s=0.05)
     time.sleep(0.1)
     b.locate([b"p"], lease_s=1)  # any call sweeps
-    assert b.commit(rid, [(0, b"r", None, 0)]) == 0
+    assert b.commit(rid, [(0, b"r", None, 0)]) == (0, 0)
     assert b.arena.allocated == _allocated_for(b, [b"p"])
 
 

@@ -112,8 +112,9 @@ def test_request_block_and_occupancy_metrics(tier_with_metrics) -> None:
     assert s.get("kvtier_request_seconds_sum", method="put") > 0
     assert s.get("kvtier_request_seconds_bucket", method="put", le="+Inf") == 1
     # payload bytes moved
-    assert s.get("kvtier_bytes_total", direction="in") == N * BLOCK_BYTES
-    assert s.get("kvtier_bytes_total", direction="out") == 2 * M * BLOCK_BYTES
+    assert s.get("kvtier_bytes_total", direction="in", transport="grpc") == N * BLOCK_BYTES
+    for transport in ("grpc", "tcp"):  # one streamed get, one over the bulk port
+        assert s.get("kvtier_bytes_total", direction="out", transport=transport) == M * BLOCK_BYTES
     # occupancy, read from the store at scrape time
     assert s.get("kvtier_entries") == N
     assert s.get("kvtier_capacity_bytes") == 64 << 20
@@ -159,7 +160,7 @@ def test_eviction_metrics_on_small_capacity(tier_with_metrics) -> None:
     assert s.get("kvtier_entries") == fits
     assert s.get("kvtier_used_bytes") == fits * BLOCK_BYTES <= 64 << 10
     assert s.get("kvtier_evictions_total") == total - fits
-    assert s.get("kvtier_bytes_total", direction="in") == total * BLOCK_BYTES
+    assert s.get("kvtier_bytes_total", direction="in", transport="grpc") == total * BLOCK_BYTES
 
     # the admin CLI reports the same numbers
     exe = Path(sys.executable).with_name("kvtier")
