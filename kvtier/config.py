@@ -156,7 +156,8 @@ class ConnectorConfig(_Strict):
         if not self.tier_url.startswith("grpc"):
             return {}
         return {"tls_ca": self.tls_ca, "tls_cert": self.tls_cert, "tls_key": self.tls_key,
-                "token_file": self.auth_token_file, "token_env": self.auth_token_env}
+                "token_file": self.auth_token_file, "token_env": self.auth_token_env,
+                "transport": self.transport}
 
     @field_validator("tier_url")
     @classmethod
@@ -164,6 +165,10 @@ class ConnectorConfig(_Strict):
         return check_tier_url(v)
 
     def model_post_init(self, _ctx: Any) -> None:
+        if self.transport != "auto" and not self.tier_url.startswith("grpc"):
+            raise ConfigError(f"transport={self.transport!r} applies to grpc:// tiers only; "
+                              f"{self.tier_url.split('://')[0]}:// tiers have one way to read "
+                              "(drop transport or use a grpc:// tier_url)")
         if self.checkpoint_every is not None and self.admission not in ("default", "dense"):
             raise ConfigError(
                 f"checkpoint_every selects admission=dense; it cannot be combined with "
