@@ -22,13 +22,21 @@ __all__ = ["ClientTLS", "ServerSecurity", "ServerTLS", "client_channel", "server
 class ServerSecurity:
     tls: ServerTLS | None = None
     access: Any = None  # kvtier.security.access.Access when --auth-token-file is set
+    config: Any = None
+    metrics: Any = None
 
     def interceptors(self) -> list[grpc.ServerInterceptor]:
-        if self.access is None:
-            return []
-        from kvtier.security.grpc_auth import AuthInterceptor
+        out: list[grpc.ServerInterceptor] = []
+        idle = getattr(self.config, "stream_idle_s", 0)
+        if idle:
+            from kvtier.security.limits import StreamWatchdog
 
-        return [AuthInterceptor(self.access)]
+            out.append(StreamWatchdog(idle, getattr(self.metrics, "refused", None)))
+        if self.access is not None:
+            from kvtier.security.grpc_auth import AuthInterceptor
+
+            out.append(AuthInterceptor(self.access))
+        return out
 
     def add_port(self, server: grpc.Server, address: str) -> int:
         """Bind gRPC (TLS when configured); the bound port, 0 if it could not be bound."""
@@ -43,6 +51,11 @@ class ServerSecurity:
         """The bulk server wraps each connection in TLS and asks for a token in its hello."""
         bulk.ssl_context = self.tls.ssl_context() if self.tls is not None else None
         bulk.access = self.access
+        if self.config is not None:
+            from kvtier.security.limits import ConnectionLimit
+
+            bulk.connection_limit = ConnectionLimit(self.config.bulk_max_connections,
+                                                    self.config.bulk_idle_s)
 
     def reload(self) -> None:
         if self.access is not None:
@@ -64,7 +77,7 @@ def server_security(config: Any, backend: Any, metrics: Any = None) -> ServerSec
         except ValueError as e:
             raise ConfigError(str(e)) from None
         access = Access(registry, backend, metrics)
-    return ServerSecurity(tls, access)
+    return ServerSecurity(tls, access, config, metrics)
 
 
 def client_channel(target: str, options: list, tls: ClientTLS | None = None,

@@ -35,6 +35,7 @@ def accept(server: object, sock: socket.socket, peer: object) -> socket.socket |
     ctx: ssl.SSLContext | None = getattr(server, "ssl_context", None)
     if ctx is None:
         return sock
+    idle = sock.gettimeout()
     sock.settimeout(HANDSHAKE_TIMEOUT_S)  # a silent peer must not hold the thread forever
     try:
         tls = ctx.wrap_socket(sock, server_side=True)
@@ -43,8 +44,29 @@ def accept(server: object, sock: socket.socket, peer: object) -> socket.socket |
         _count(server, "tls")
         sock.close()
         return None
-    tls.settimeout(None)
+    tls.settimeout(idle)
     return tls
+
+
+def admit(server: object, sock: socket.socket, peer: object) -> bool:
+    """Whether the bulk server takes another connection (see kvtier.security.limits)."""
+    limit = getattr(server, "connection_limit", None)
+    if limit is None:
+        return True
+    if limit.admit(sock):
+        server._admitted.add(id(sock))  # type: ignore[attr-defined]
+        return True
+    log.warning("bulk connection from %s refused: %d connections open", peer,
+                limit.max_connections)
+    _count(server, "connections")
+    return False  # closed unanswered: the client reads over gRPC and retries later
+
+
+def release(server: object, sock: socket.socket) -> None:
+    admitted = getattr(server, "_admitted", None)
+    if admitted is not None and id(sock) in admitted:
+        admitted.discard(id(sock))
+        server.connection_limit.release()  # type: ignore[attr-defined]
 
 
 def _count(server: object, reason: str) -> None:
