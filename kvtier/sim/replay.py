@@ -10,9 +10,10 @@ counted is a hit on the tier.
 
 vLLM align mode is emulated as far as states are concerned: a state exists at
 a boundary only where a prefill chunk ends there (the policy's chunk end, vLLM's
-own chunk budget ``chunk_tokens`` aligned down to a boundary, the prompt's last
-aligned boundary) or where decode crosses one. A hit is capped so that at least
-one prompt token is computed.
+own chunk budget ``chunk_tokens`` aligned down to a boundary, the last boundary
+before the prompt's last token, the prompt's end if aligned; as vLLM 0.32's
+``Scheduler._mamba_block_aligned_split``) or where decode crosses one. A hit is
+capped so that at least one prompt token is computed.
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ class Simulator:
     def _prefill_states(self, view: RequestView, pos: int) -> list[int]:
         """Boundaries at which the prefill's chunks end (where a state exists)."""
         B, P = view.boundary_tokens, view.num_prompt_tokens
-        last_aligned = view.prompt_end_boundary * B
+        last_aligned = (P - 1) // B * B  # vLLM's get_mamba_prefill_checkpoint_position
         out = []
         while pos < P:
             natural = P if pos + self.chunk_tokens >= P else (pos + self.chunk_tokens) // B * B

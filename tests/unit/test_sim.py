@@ -7,6 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from kvtier.admission import make_admission
 from kvtier.cli import app
 from kvtier.sim import replay, report, traces
 from kvtier.sim.models import MODELS, ModelSpec, get_model
@@ -145,3 +146,16 @@ def test_bench_admission_runs_every_config_side_by_side() -> None:
     small = [r for r in rows if r["capacity"] == "5%"]
     assert all(abs(r["capacity_bytes"] - r["working_set_bytes"] / 20) <= 1 for r in small)
     assert set(res["goals"]) == {f"sysprompt@{c}" for c in CAPACITIES}
+
+
+@pytest.mark.parametrize(("prompt", "states"), [(8, [1, 2]), (9, [2]), (3, [])])
+def test_states_exist_where_vllm_align_mode_ends_chunks(prompt: int, states: list[int]) -> None:
+    """vLLM stops a prefill at the last boundary before the prompt's last token, and the
+    last chunk ends at the prompt's end (a state there only if aligned)."""
+    sim = replay.Simulator(TINY, make_admission("dense", every=0), save_decoded=False)
+    sim.step(replay.prepare([Request(prompt_tokens=tuple(range(prompt)),
+                                     output_tokens=(7,))], B)[0])
+    assert sim.result.states_saved == len(states)
+    assert sim.result.chunk_ends_moved == 0
+    stored = {k for k in (e.key for e in sim.store.scan()) if k.split(b":")[3] == b"1"}
+    assert len(stored) == len(states)
