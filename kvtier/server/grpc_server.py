@@ -264,7 +264,7 @@ class TierServicer(pb_grpc.TierServicer):
         def run() -> pb.LocateReply:
             plane = self._plane()
             lease_s = _seconds(request.lease_s, "lease_s")
-            plane.kick(lease_s)  # pump progress while the reader may be reading
+            plane.kick(1.0)  # and while the lease is out: the reader may be reading
             lease, locs = self.backend.locate(  # type: ignore[attr-defined]
                 check_keys(list(request.keys)), lease_s)
             if self.metrics is not None:
@@ -296,7 +296,7 @@ class TierServicer(pb_grpc.TierServicer):
             if any(not 0 <= n <= MAX_VALUE for n in sizes):
                 raise BadRequest(f"every size must be 0..{MAX_VALUE} bytes")
             ttl_s = _seconds(request.ttl_s, "ttl_s")
-            plane.kick(ttl_s)
+            plane.kick(1.0)
             rid, locs = self.backend.reserve(sizes, ttl_s)  # type: ignore[attr-defined]
             return pb.ReserveReply(reservation_id=rid, extents=self._extents(locs),
                                    nixl_agent=plane.agent.name)  # type: ignore[union-attr]

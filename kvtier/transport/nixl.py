@@ -274,42 +274,55 @@ class NixlClient:
         return self.agent.add_remote(name, metadata)
 
     def read(self, server: str, keys: Sequence[bytes], deadline: float) -> list[memoryview | None]:
+        r = self.locate(server, keys, deadline)
+        read_bytes = 0
+        try:
+            out, read_bytes = self.fetch(server, r.extents, deadline)
+            return out
+        finally:
+            self._release(r.lease_id, read_bytes)
+
+    def locate(self, server: str, keys: Sequence[bytes], deadline: float):  # noqa: ANN201
+        """The LocateReply for ``keys``: their extents under a lease (release it!)."""
         from kvtier.proto import tier_pb2 as pb
 
-        remote = self._remotes_name(server)
         left = max(1e-3, deadline - time.monotonic())
         r = self._stub.Locate(pb.LocateRequest(keys=list(keys), lease_s=min(60.0, 2 * left + 1)),
                               timeout=left)
         if r.nixl_agent != server:
+            self._release(r.lease_id, 0)
             raise NixlError(f"tier agent changed ({server} -> {r.nixl_agent})")
-        out: list[memoryview | None] = [None] * len(keys)
-        found = [(i, e) for i, e in enumerate(r.extents) if e.length > 0]
+        return r
+
+    def fetch(self, server: str, extents: Sequence, deadline: float,
+              ) -> tuple[list[memoryview | None], int]:
+        """One READ of every found extent into staging; payloads whose generation word or
+        checksum differ from the extent's (freed, reused, corrupted) are None."""
+        remote = self._remotes_name(server)
+        out: list[memoryview | None] = [None] * len(extents)
+        found = [(i, e) for i, e in enumerate(extents) if e.length > 0]
+        if not found:
+            return out, 0
+        total = sum(e.length for _, e in found)
+        buf, addr = self._staging.get(total)
+        lens = np.fromiter((e.length for _, e in found), dtype=np.uint64, count=len(found))
+        offs = np.zeros(len(found), dtype=np.uint64)
+        np.cumsum(lens[:-1], out=offs[1:])
+        local = np.stack([offs + np.uint64(addr), lens], axis=1)
+        rem = np.stack([np.fromiter((e.address for _, e in found), dtype=np.uint64,
+                                    count=len(found)), lens], axis=1)
+        self.agent.transfer("READ", remote, local, rem, max(1e-3, deadline - time.monotonic()))
+        view = memoryview(buf)
         read_bytes = 0
-        try:
-            if not found:
-                return out
-            total = sum(e.length for _, e in found)
-            buf, addr = self._staging.get(total)
-            lens = np.fromiter((e.length for _, e in found), dtype=np.uint64, count=len(found))
-            offs = np.zeros(len(found), dtype=np.uint64)
-            np.cumsum(lens[:-1], out=offs[1:])
-            local = np.stack([offs + np.uint64(addr), lens], axis=1)
-            rem = np.stack([np.fromiter((e.address for _, e in found), dtype=np.uint64,
-                                        count=len(found)), lens], axis=1)
-            self.agent.transfer("READ", remote, local, rem,
-                                max(1e-3, deadline - time.monotonic()))
-            view = memoryview(buf)
-            for (i, e), off in zip(found, offs.tolist()):
-                payload = view[off + GEN_BYTES:off + e.length]
-                if (int.from_bytes(view[off:off + GEN_BYTES], "little") != e.generation
-                        or xxhash.xxh3_64_intdigest(payload) != e.checksum):
-                    self.torn += 1
-                    continue
-                out[i] = payload
-                read_bytes += payload.nbytes
-            return out
-        finally:
-            self._release(r.lease_id, read_bytes)
+        for (i, e), off in zip(found, offs.tolist()):
+            payload = view[off + GEN_BYTES:off + e.length]
+            if (int.from_bytes(view[off:off + GEN_BYTES], "little") != e.generation
+                    or xxhash.xxh3_64_intdigest(payload) != e.checksum):
+                self.torn += 1
+                continue
+            out[i] = payload
+            read_bytes += payload.nbytes
+        return out, read_bytes
 
     def _release(self, lease_id: int, read_bytes: int) -> None:
         from kvtier.proto import tier_pb2 as pb
