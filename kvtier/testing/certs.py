@@ -1,5 +1,6 @@
-"""Test PKI made with ``cryptography``: a CA, a server certificate for 127.0.0.1/localhost,
-a client certificate, and a second CA nobody trusts."""
+"""Test PKI made with ``cryptography`` (tests and ``kvtier bench reliability``): a CA, a
+server certificate for 127.0.0.1/localhost, a client certificate, and a second CA nobody
+trusts."""
 
 from __future__ import annotations
 

@@ -28,9 +28,9 @@ from kvtier.backends.grpc import GrpcBackend
 from kvtier.keys import BlockKey, Namespace, manifest_key
 from kvtier.lookup import GroupKind, GroupQuery, LookupQuery
 from kvtier.manifest import NamespaceManifest
+from kvtier.testing.certs import Pki, make_pki
 from kvtier.testing.waits import scrape_metrics, wait_until
 from kvtier.transport import tcp_bulk
-from tests.helpers.certs import Pki, make_pki
 from tests.helpers.servers import TierProcess, free_port, server_log
 
 MODEL, LAYOUT_FP = "tiny-model", "layout-fingerprint"
