@@ -466,7 +466,7 @@ def flush(url: Url = DEFAULT_URL, namespace: Namespace = None,
 @app.command()
 def bench(
     which: Annotated[str, typer.Argument(
-        help="grpc, redis, ttft, pd, admission or all (all: grpc + redis)")]
+        help="grpc, redis, ttft, pd, admission, nixl or all (all: grpc + redis)")]
     = "all",
     redis_url: Annotated[str | None, typer.Option(help="existing Redis (else started)")] = None,
     as_json: Json = False,
@@ -493,8 +493,13 @@ def bench(
         from kvtier.benches.admission import run_admission_bench
 
         results["admission"] = run_admission_bench(console=None if as_json else out)
+    if which == "nixl":
+        from kvtier.benches.nixl import run_nixl_bench
+
+        results["nixl"] = run_nixl_bench(console=None if as_json else out)
     if not results:
-        fail(f"unknown benchmark {which!r}: use grpc, redis, ttft, pd, admission or all", 2)
+        fail(f"unknown benchmark {which!r}: use grpc, redis, ttft, pd, admission, nixl or all",
+             2)
     if as_json:
         emit(results, True)
 

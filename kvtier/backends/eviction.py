@@ -114,8 +114,11 @@ class _Value:
 
 class LeafValue(EvictionPolicy):
     """Evict the leaf with the least expected recompute saved per byte (GreedyDual-Size-
-    Frequency): priority = L + depth x (1 + hits) x kind / MiB, where L is the priority of
-    the last victim, so untouched entries age behind fresh ones (recency).
+    Frequency): priority = L + depth^e x (1 + hits) x kind / MiB, where L is the priority
+    of the last victim, so untouched entries age behind fresh ones (recency). Depth is
+    the prefix in boundaries; e = 0.5 because deep chains (long sessions) save more per
+    hit but are reused less often (e = 1 kept ended long sessions too long in
+    ``kvtier bench admission``; 0.5 was best there on two trace seeds).
 
     Kind: a recurrent state is what a hit lands on. One that sits mid-chain (its
     prefix continues in the store along exactly one path, so a deeper state of
@@ -130,8 +133,10 @@ class LeafValue(EvictionPolicy):
 
     name = "value"
 
-    def __init__(self, mid_chain: float = 0.25, attention: float = 0.02) -> None:
+    def __init__(self, mid_chain: float = 0.25, attention: float = 0.02,
+                 depth_exponent: float = 0.5) -> None:
         self.mid_chain, self.attention = mid_chain, attention
+        self.depth_exponent = depth_exponent
         self._meta: dict[bytes, _Value] = {}
         self._chain_children: dict[bytes, int] = {}  # attention key -> attention children
         self._states_on: dict[bytes, set[bytes]] = {}  # attention key -> states on it
@@ -183,7 +188,8 @@ class LeafValue(EvictionPolicy):
             kind = self.mid_chain if mid else 1.0
         else:
             kind = self.attention
-        return m.base + m.depth * (1 + max(m.hits, 0)) * kind / max(m.size / (1 << 20), 1e-6)
+        depth = m.depth ** self.depth_exponent
+        return m.base + depth * (1 + max(m.hits, 0)) * kind / max(m.size / (1 << 20), 1e-6)
 
     def victim(self, is_leaf) -> bytes | None:  # noqa: ANN001
         while self._heap:
