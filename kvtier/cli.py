@@ -94,7 +94,10 @@ def serve(
     """Run the tier server (the main job). The embedded in-memory store is the default."""
     import logging
 
+    from kvtier.security.limits import return_freed_payloads
     from kvtier.server.grpc_server import run_server
+
+    return_freed_payloads()  # evicted payloads go back to the OS: RSS stays near capacity
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
