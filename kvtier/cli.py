@@ -469,9 +469,12 @@ def flush(url: Url = DEFAULT_URL, namespace: Namespace = None,
 @app.command()
 def bench(
     which: Annotated[str, typer.Argument(
-        help="grpc, redis, ttft, pd, admission, nixl or all (all: grpc + redis)")]
+        help="grpc, redis, ttft, pd, admission, nixl, reliability or all (all: grpc + redis)")]
     = "all",
     redis_url: Annotated[str | None, typer.Option(help="existing Redis (else started)")] = None,
+    clients: Annotated[int, typer.Option(help="reliability: load client processes")] = 32,
+    ops: Annotated[int, typer.Option(help="reliability: ops per load client")] = 10_000,
+    capacity: Annotated[str, typer.Option(help="reliability: store capacity")] = "2GiB",
     as_json: Json = False,
 ) -> None:
     """Tier benchmarks, printed beside raw references measured in the same run."""
@@ -500,9 +503,14 @@ def bench(
         from kvtier.benches.nixl import run_nixl_bench
 
         results["nixl"] = run_nixl_bench(console=None if as_json else out)
+    if which == "reliability":
+        from kvtier.benches.reliability import run_reliability_bench
+
+        results["reliability"] = run_reliability_bench(
+            clients, ops, capacity=capacity, console=None if as_json else out)
     if not results:
-        fail(f"unknown benchmark {which!r}: use grpc, redis, ttft, pd, admission, nixl or all",
-             2)
+        fail(f"unknown benchmark {which!r}: use grpc, redis, ttft, pd, admission, nixl, "
+             "reliability or all", 2)
     if as_json:
         emit(results, True)
 
