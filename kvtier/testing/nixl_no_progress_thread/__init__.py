@@ -1,0 +1,1 @@
+"""A folder for ``PYTHONPATH`` whose ``sitecustomize`` turns NIXL's progress thread off."""
