@@ -369,8 +369,10 @@ def nixl_wanted(config: ServerConfig) -> bool:
     """``nixl`` None (the default): on when NIXL imports and the store is in memory."""
     if config.backend != "memory" or config.nixl is False:
         return False
-    if config.nixl is None and config.tls_cert:
-        return False  # NIXL moves bytes unencrypted: only when asked for explicitly
+    if config.nixl is None and (config.tls_cert or config.auth_token_file):
+        # NIXL bytes are unencrypted, and an agent holding the (Health-advertised) metadata
+        # can read any registered arena byte, past tenant checks: only when asked for.
+        return False
     from kvtier.transport.nixl import available
 
     return config.nixl is True or available()
