@@ -162,11 +162,12 @@ def run_attacks(attempts: int = 10) -> dict[str, dict[str, int]]:
 
     from kvtier.backends.grpc import GrpcBackend
     from kvtier.manifest import NamespaceManifest
-    from kvtier.testing.certs import make_pki
+    from kvtier.testing.redis_servers import make_tls_files
     from kvtier.transport import tcp_bulk
 
     d = Path(tempfile.mkdtemp(prefix="kvtier-attacks-"))
-    pki = make_pki(d)
+    pki = make_tls_files(d)
+    ca = str(pki.ca_cert)
     (d / "tokens.json").write_text(json.dumps({"tokens": [
         {"name": "a", "token": "token-a", "tenants": ["a"], "roles": ["read", "write"]},
         {"name": "b", "token": "token-b", "tenants": ["b"], "roles": ["read", "write"]},
@@ -177,12 +178,12 @@ def run_attacks(attempts: int = 10) -> dict[str, dict[str, int]]:
     items = [PutItem(manifest_key(ns), NamespaceManifest(ns.hex(), "m", "l").to_bytes()),
              PutItem(k.encode(), payload.encode(k, LAYOUT, os.urandom(4096)))]
     out: dict[str, dict[str, int]] = {}
-    with TierProcess(capacity="64MiB", tls_ca=pki.ca, extra_args=(
-            "--tls-cert", pki.server_cert, "--tls-key", pki.server_key,
+    with TierProcess(capacity="64MiB", tls_ca=ca, extra_args=(
+            "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
             "--auth-token-file", str(d / "tokens.json"))) as tier:
 
         def client(token: str | None, **kw: Any) -> GrpcBackend:
-            return GrpcBackend(tier.url, timeout_s=3, tls_ca=pki.ca, token=token,
+            return GrpcBackend(tier.url, timeout_s=3, tls_ca=ca, token=token,
                                token_env=None, **kw)
 
         with client("token-a") as a:

@@ -28,7 +28,7 @@ from kvtier.backends.grpc import GrpcBackend
 from kvtier.keys import BlockKey, Namespace, manifest_key
 from kvtier.lookup import GroupKind, GroupQuery, LookupQuery
 from kvtier.manifest import NamespaceManifest
-from kvtier.testing.certs import Pki, make_pki
+from kvtier.testing.redis_servers import TlsFiles, make_tls_files
 from kvtier.testing.waits import scrape_metrics, wait_until
 from kvtier.transport import tcp_bulk
 from tests.helpers.servers import TierProcess, free_port, server_log
@@ -75,17 +75,17 @@ def _query(ns: bytes) -> LookupQuery:
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    return make_tls_files(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
-def secure_tier(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TierProcess]:
+def secure_tier(pki: TlsFiles, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TierProcess]:
     d = tmp_path_factory.mktemp("auth")
     tokens = token_file(d / "tokens.json")
     metrics = free_port()
-    tier = TierProcess(capacity="64MiB", tls_ca=pki.ca, extra_args=(
-        "--tls-cert", pki.server_cert, "--tls-key", pki.server_key,
+    tier = TierProcess(capacity="64MiB", tls_ca=str(pki.ca_cert), extra_args=(
+        "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
         "--auth-token-file", str(tokens), "--metrics-port", str(metrics)))
     tier.tokens, tier.metrics_port = tokens, metrics  # type: ignore[attr-defined]
     tier.start()
@@ -263,21 +263,21 @@ def test_refusals_are_counted_in_metrics(secure_tier: TierProcess, stored: dict)
     assert "acme-secret" not in server_log(secure_tier)  # tokens never logged
 
 
-def test_mutual_tls_requires_a_client_certificate(pki: Pki) -> None:
-    tier = TierProcess(capacity="16MiB", tls_ca=pki.ca, client_options={
-        "tls_cert": pki.client_cert, "tls_key": pki.client_key}, extra_args=(
-        "--tls-cert", pki.server_cert, "--tls-key", pki.server_key,
-        "--tls-client-ca", pki.ca)).start()
+def test_mutual_tls_requires_a_client_certificate(pki: TlsFiles, tmp_path: Path) -> None:
+    ca, cert, key = str(pki.ca_cert), str(pki.client_cert), str(pki.client_key)
+    rogue = make_tls_files(tmp_path)  # a client certificate from another CA
+    tier = TierProcess(capacity="16MiB", tls_ca=ca, client_options={
+        "tls_cert": cert, "tls_key": key}, extra_args=(
+        "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+        "--tls-client-ca", ca)).start()
     try:
         ns, items = tenant_items("anyone")
-        with GrpcBackend(tier.url, timeout_s=5, tls_ca=pki.ca, tls_cert=pki.client_cert,
-                         tls_key=pki.client_key) as b:
+        with GrpcBackend(tier.url, timeout_s=5, tls_ca=ca, tls_cert=cert, tls_key=key) as b:
             assert b.put_many(items) == len(items)
             assert [bytes(v) for v in b.get_many([items[1].key])] == [items[1].value]
             assert b.bulk_fallbacks == 0
-        for cert, key in [(None, None), (pki.rogue_client_cert, pki.rogue_client_key)]:
-            with GrpcBackend(tier.url, timeout_s=3, tls_ca=pki.ca, tls_cert=cert,
-                             tls_key=key) as b:
+        for c, k in [(None, None), (str(rogue.client_cert), str(rogue.client_key))]:
+            with GrpcBackend(tier.url, timeout_s=3, tls_ca=ca, tls_cert=c, tls_key=k) as b:
                 _refused(b.health, "UNAVAILABLE")
     finally:
         tier.stop()
