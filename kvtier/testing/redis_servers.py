@@ -440,6 +440,50 @@ class RedisClusterServers:
         _form_cluster(self.nodes, timeout_s)
         return self
 
+    def wait_replicated(self, timeout_s: float = 30.0) -> None:
+        """Until every replica has acknowledged everything its primary holds."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            behind = []
+            for n in self.nodes:
+                if n.proc is None:
+                    continue
+                with n.client() as c:
+                    info = c.info("replication")
+                if info.get("role") != "master":
+                    continue
+                offset = info.get("master_repl_offset", 0)
+                behind += [k for k, v in info.items() if k.startswith("slave")
+                           and isinstance(v, dict) and int(v.get("offset", 0)) < offset]
+            if not behind:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replicas still behind: {behind}")
+            time.sleep(0.1)
+
+    def kill_a_primary_and_wait_for_failover(self, timeout_s: float = 60.0) -> RedisServer:
+        """SIGKILL the primary of slot 0 and wait until its replica took over (the
+        cluster's own failover, cluster-node-timeout 3 s) and the cluster is ok again.
+        Writes not yet replicated are lost (misses), as in production. Returns the dead one."""
+        with self.nodes[0].client() as c:
+            slots = c.execute_command("CLUSTER", "SLOTS")
+        host, port = slots[0][2][0], slots[0][2][1]
+        host = host.decode() if isinstance(host, bytes) else host
+        primary = next(n for n in self.nodes if (n.host, n.port) == (host, int(port)))
+        primary.stop()
+        alive = [n for n in self.nodes if n is not primary]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with contextlib.suppress(Exception), alive[0].client() as c:
+                info = c.execute_command("CLUSTER", "INFO")
+                text = info.decode() if isinstance(info, bytes) else str(info)
+                owner = c.execute_command("CLUSTER", "SLOTS")[0][2]
+                if "cluster_state:ok" in text and int(owner[1]) != primary.port:
+                    return primary
+            if time.monotonic() > deadline:
+                raise RuntimeError("no replica took over the killed primary")
+            time.sleep(0.2)
+
     def node_clients(self) -> list:
         return [n.client() for n in self.nodes]
 
@@ -484,11 +528,13 @@ def start_cluster(
     acl_users: Sequence[AclUser] = (),
     admin: AclUser | None = None,
     timeout_s: float = 30.0,
+    replicas: int = 0,
 ) -> RedisClusterServers:
-    """``masters`` primaries, no replicas, every slot assigned; waits for ``cluster_state:ok``."""
+    """``masters`` primaries with ``replicas`` replicas each, every slot assigned; waits for
+    ``cluster_state:ok``."""
     nodes: list[RedisServer] = []
     try:
-        for _ in range(masters):
+        for _ in range(masters * (1 + replicas)):
             srv = RedisServer(
                 port=free_port(cluster_bus=True),
                 workdir=_tmpdir(base, "cluster"),
@@ -498,7 +544,7 @@ def start_cluster(
                 cluster=True,
             )
             nodes.append(srv.start())
-        _form_cluster(nodes, timeout_s)
+        _form_cluster(nodes, timeout_s, replicas)
         return RedisClusterServers(nodes)
     except BaseException:
         for n in nodes:
@@ -506,7 +552,7 @@ def start_cluster(
         raise
 
 
-def _form_cluster(nodes: Sequence[RedisServer], timeout_s: float) -> None:
+def _form_cluster(nodes: Sequence[RedisServer], timeout_s: float, replicas: int = 0) -> None:
     """``redis-cli --cluster create`` over fresh nodes; waits for ``cluster_state:ok``."""
     cmd = [
         _redis_cli(),
@@ -515,7 +561,7 @@ def _form_cluster(nodes: Sequence[RedisServer], timeout_s: float) -> None:
         "create",
         *(n.address for n in nodes),
         "--cluster-replicas",
-        "0",
+        str(replicas),
         "--cluster-yes",
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
@@ -550,6 +596,7 @@ def redis_standalone(base: Path | None = None, **kw) -> Iterator[RedisServer]:
 def redis_cluster(
     base: Path | None = None, masters: int = 3, **kw
 ) -> Iterator[RedisClusterServers]:
+    """A started cluster (``replicas=N`` per primary), stopped and removed afterwards."""
     cl = start_cluster(base, masters, **kw)
     try:
         yield cl
