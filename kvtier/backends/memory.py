@@ -173,7 +173,8 @@ class MemoryBackend(Backend):
             for k, e in self._entries.items():
                 p = self._entries.get(e.parent) if e.parent is not None else None
                 parent = e.parent if p is not None and p.serial == e.parent_serial else None
-                out.append((PutItem(k, e.value, parent), e.pinned))
+                # _read: an arena store's bytes may be reused once the lock is let go.
+                out.append((PutItem(k, self._read(e), parent), e.pinned))
             return out
 
     def stats(self) -> BackendStats:

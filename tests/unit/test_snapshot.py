@@ -150,14 +150,16 @@ def test_periodic_snapshots_only_when_the_store_changed(tmp_path: Path) -> None:
 
 
 # -- a real server ---------------------------------------------------------------------------
-def _tier(d: Path, port: int | None = None, *args: str) -> TierProcess:
-    return TierProcess(port=port, capacity="64MiB",
+def _tier(d: Path, port: int | None = None, *args: str, nixl: bool = False) -> TierProcess:
+    return TierProcess(port=port, capacity="64MiB", nixl=nixl,
                        extra_args=("--snapshot-dir", str(d), *args))
 
 
-def test_server_restart_on_sigterm_keeps_the_store(tmp_path: Path) -> None:
+@pytest.mark.parametrize("nixl", [False, True], ids=["plain-store", "arena-store"])
+def test_server_restart_on_sigterm_keeps_the_store(tmp_path: Path, nixl: bool) -> None:
+    """Also with the NIXL arena store, whose bytes live in registered regions."""
     items = _items()
-    tier = _tier(tmp_path).start()
+    tier = _tier(tmp_path, nixl=nixl).start()
     try:
         with GrpcBackend(tier.url, timeout_s=10) as b:
             assert b.put_many(items) == len(items)
