@@ -298,3 +298,20 @@ def test_connector_options_reach_the_tier(secure_tier: TierProcess, stored: dict
     assert tier.lookup(_query(ns)).boundary == len(HASHES)
     assert [bytes(v) for v in tier.get_many([items[2].key])] == [items[2].value]
     assert TOKENS["acme"] not in repr(cfg) + repr(tier._backend.__dict__)  # never printed
+
+
+def test_admin_cli_takes_tls_and_token_from_the_environment(secure_tier: TierProcess,
+                                                            stored: dict) -> None:
+    import subprocess
+
+    from tests.helpers.servers import kvtier_cmd
+
+    env = {**os.environ, "KVTIER_TLS_CA": str(secure_tier.tls_ca)}
+    env.pop("KVTIER_TOKEN", None)
+    cmd = [*kvtier_cmd(), "stats", "--url", secure_tier.url, "--json"]
+    denied = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert denied.returncode != 0 and "UNAUTHENTICATED" in denied.stderr, denied.stderr
+    ok = subprocess.run(cmd, env={**env, "KVTIER_TOKEN": TOKENS["ops"]}, capture_output=True,
+                        text=True, timeout=60)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["entries"] > 0, ok.stderr
+    assert TOKENS["ops"] not in ok.stdout + ok.stderr
