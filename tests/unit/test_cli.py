@@ -824,7 +824,7 @@ BAD_INPUT = {
     "token_ids": (["explain", "--token-ids", "1,x"], ["--token-ids must be"]),
     "explain_no_prompt": (["explain"], ["exactly one of"]),
     "bench_unknown": (["bench", "nope"],
-                      ["unknown benchmark", "grpc, redis, ttft, pd, admission or all"]),
+                      ["unknown benchmark", "admission, nixl, reliability or all"]),
     "serve_capacity": (["serve", "--port", "0", "--capacity", "lots"],
                        ["cannot parse size 'lots'", "4GiB"]),
     "serve_redis_without_url": (["serve", "--port", "0", "--backend", "redis"],
