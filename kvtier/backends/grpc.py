@@ -78,8 +78,10 @@ class GrpcBackend(Backend):
         ``transport``: ``auto`` (or ``nixl``) reads and writes over NIXL when the tier's
         Health advertises an agent and NIXL imports here, else over the bulk TCP port,
         else gRPC streaming; ``tcp`` skips NIXL; ``grpc`` uses gRPC streaming only.
-        A NIXL transfer that fails makes its keys misses and NIXL is retried
-        ``bulk_retry_s`` later (:class:`kvtier.transport.nixl.NixlPath`).
+        A NIXL transfer that fails is read over TCP or gRPC within the same call (its
+        keys are misses if no time is left), and NIXL is retried ``bulk_retry_s`` later
+        (:class:`kvtier.transport.nixl.NixlPath`); a payload that changed under the
+        reader is a miss.
 
         ``security``: TLS and token options of
         :meth:`kvtier.security.ClientSecurity.from_options` (``grpcs://`` means TLS).

@@ -311,7 +311,9 @@ class NixlClient:
         local = np.stack([offs + np.uint64(addr), lens], axis=1)
         rem = np.stack([np.fromiter((e.address for _, e in found), dtype=np.uint64,
                                     count=len(found)), lens], axis=1)
-        self.agent.transfer("READ", remote, local, rem, max(1e-3, deadline - time.monotonic()))
+        # Half the time left: a transfer that hangs leaves the other half to TCP or gRPC.
+        self.agent.transfer("READ", remote, local, rem,
+                            max(1e-3, (deadline - time.monotonic()) / 2))
         view = memoryview(buf)
         read_bytes = 0
         for (i, e), off in zip(found, offs.tolist()):
@@ -413,12 +415,13 @@ class NixlPath:
         now = time.monotonic()
         if now - self._last_warn > 10:
             self._last_warn = now
-            log.warning("NIXL %s on tier %s failed (%s); those blocks are misses, and reads use "
-                        "TCP/gRPC for %gs", what, self.url, e, self._retry_s)
+            log.warning("NIXL %s on tier %s failed (%s); moving bytes over TCP/gRPC for %gs",
+                        what, self.url, e, self._retry_s)
 
     def get(self, keys: Sequence[bytes], deadline: float) -> list[memoryview | None] | None:
-        """Payloads (None: missing, or the transfer failed: a miss); None if NIXL is not
-        usable with this tier right now (the caller reads another way)."""
+        """Payloads (None: missing or changed under the reader); None if NIXL is not usable
+        with this tier right now, or the transfer failed with time left in the call: the
+        caller reads another way (TCP, gRPC). A failure at the deadline: all misses."""
         server = self._ready()
         if server is None or self._client is None:
             return None
@@ -426,7 +429,8 @@ class NixlPath:
             return self._client.read(server, keys, deadline)
         except NixlError as e:
             self._failed("read", e)
-            return [None] * len(keys)
+            return None if deadline - time.monotonic() > 0.1 * self.timeout_s else [None] * len(
+                keys)
 
     def put(self, items: Sequence, deadline: float) -> int | None:
         """How many were stored over NIXL; None if not usable or failed (write another way)."""

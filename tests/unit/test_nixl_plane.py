@@ -195,3 +195,29 @@ def test_idle_cpu_of_a_server_with_nixl_is_near_zero(tier) -> None:
         mine = (m1.user + m1.system - m0.user - m0.system) / 2
     print(f"idle CPU with NIXL on: server {share:.2%} of a core, client process {mine:.2%}")
     assert share < 0.02 and mine < 0.02  # the issue's goal; a spinning pump measured 5%
+
+
+def test_a_restarted_tier_is_read_over_tcp_then_nixl_again() -> None:
+    """The client knows the old server agent; the new one answers Locate: that read goes
+    over the bulk port within the same call, and NIXL resumes after the retry interval."""
+    items = _items(16)
+    t = TierProcess(capacity="64MiB", nixl=True).start()
+    try:
+        with open_backend(t.url, timeout_s=10, bulk_retry_s=0.5) as b:
+            b.put_many(items)
+            b.get_many([it.key for it in items])
+            assert b.bytes_by_transport["nixl"] == 2 * 16 * BLOCK
+            t.stop()
+            t.start()
+            with open_backend(t.url, timeout_s=10, transport="grpc") as w:
+                w.put_many(items)
+            got = b.get_many([it.key for it in items])
+            assert [bytes(g) for g in got] == [it.value for it in items]
+            assert b.bytes_by_transport["tcp"] == 16 * BLOCK
+            assert b._nixl.failures >= 1
+            time.sleep(0.6)
+            got = b.get_many([it.key for it in items])
+            assert [bytes(g) for g in got] == [it.value for it in items]
+            assert b.bytes_by_transport["nixl"] == 3 * 16 * BLOCK
+    finally:
+        t.kill()
