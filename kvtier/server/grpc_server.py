@@ -295,6 +295,9 @@ class TierServicer(pb_grpc.TierServicer):
                 raise BadRequest(f"too many extents in one call ({len(sizes)} > {MAX_KEYS})")
             if any(not 0 <= n <= MAX_VALUE for n in sizes):
                 raise BadRequest(f"every size must be 0..{MAX_VALUE} bytes")
+            if sum(sizes) > MAX_MESSAGE:  # space costs a reserver nothing: bound it per call
+                raise BadRequest(f"more than {MAX_MESSAGE >> 20} MiB in one reservation; "
+                                 "split it")
             ttl_s = _seconds(request.ttl_s, "ttl_s")
             plane.kick(1.0)
             rid, locs = self.backend.reserve(sizes, ttl_s)  # type: ignore[attr-defined]
