@@ -87,6 +87,9 @@ def serve(
         help="cancel an upload stream idle this many seconds (stalled client); 0: never")] = 30,
     bulk_max_connections: Annotated[int, typer.Option(
         help="bulk port connections at once (more: closed, clients read over gRPC)")] = 512,
+    max_message: Annotated[str, typer.Option(
+        help="largest gRPC message accepted, e.g. 64MiB (bounds a request's allocation)")]
+    = "64MiB",
     nixl: Annotated[bool | None, typer.Option(
         "--nixl/--no-nixl", help="NIXL data plane (default: on when nixl imports, memory "
         "backend, no TLS)")] = None,
@@ -107,7 +110,8 @@ def serve(
             bulk_port=None if bulk_port < 0 else bulk_port, snapshot_dir=snapshot_dir,
             snapshot_interval_s=snapshot_interval, tls_cert=tls_cert, tls_key=tls_key,
             tls_client_ca=tls_client_ca, auth_token_file=auth_token_file,
-            stream_idle_s=stream_idle, bulk_max_connections=bulk_max_connections, nixl=nixl))
+            stream_idle_s=stream_idle, bulk_max_connections=bulk_max_connections,
+            max_message_bytes=max_message, nixl=nixl))
     except ConfigError as e:
         fail(str(e), 2)
     try:

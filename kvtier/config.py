@@ -84,10 +84,14 @@ class ServerConfig(_Strict):
     stream_idle_s: float = Field(30, ge=0, description="cancel an upload stream that sent "
                                  "nothing this long (a stalled client holds a worker); 0: never")
     max_concurrent_rpcs: int = Field(1024, ge=1, description="more at once: RESOURCE_EXHAUSTED")
+    max_message_bytes: int = Field(
+        64 << 20, ge=1 << 20, le=512 << 20, description="largest gRPC message accepted (it is "
+        "received whole before any check: the bound on what one request can make the server "
+        "allocate); larger: RESOURCE_EXHAUSTED")
     bulk_max_connections: int = Field(512, ge=1, description="bulk port connections at once")
     bulk_idle_s: float = Field(600, ge=0, description="close a bulk connection idle this long")
 
-    @field_validator("capacity", mode="before")
+    @field_validator("capacity", "max_message_bytes", mode="before")
     @classmethod
     def _cap(cls, v: Any) -> int:
         return parse_bytes(v)

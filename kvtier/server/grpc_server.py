@@ -401,8 +401,11 @@ def serve(config: ServerConfig, backend: Backend | None = None) -> tuple[grpc.Se
     from kvtier.security import server_security
 
     security = server_security(config, backend, metrics)  # TLS, tokens (after the snapshot)
+    # A message is received whole before any check: its size bounds what one request costs.
+    limited = [o for o in GRPC_OPTIONS if o[0] != "grpc.max_receive_message_length"]
+    limited.append(("grpc.max_receive_message_length", config.max_message_bytes))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers),
-                         options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)],
+                         options=[*limited, ("grpc.so_reuseport", 0)],
                          interceptors=security.interceptors(),
                          maximum_concurrent_rpcs=config.max_concurrent_rpcs)
     # Bind the gRPC port before the bulk port: an any-port bulk listener could otherwise be
