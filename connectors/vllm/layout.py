@@ -145,6 +145,18 @@ class CacheLayout:
         """The attention group that recurrent states hang off (their eviction parent)."""
         return next(g for g in self.groups if g.kind is GroupKind.ATTENTION)
 
+    @property
+    def state_bytes_per_boundary(self) -> int:
+        """Bytes of every recurrent group's state at one boundary (what admission weighs)."""
+        return sum(g.spec["page"] * len(g.layer_names) for g in self.groups
+                   if g.kind is GroupKind.STATE)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Attention KV bytes per token, all attention groups."""
+        return sum(g.spec["page"] * len(g.layer_names) // g.block_size for g in self.groups
+                   if g.kind is GroupKind.ATTENTION)
+
     def group_queries(self) -> list[GroupQuery]:
         return [GroupQuery(g.group_id, g.kind, g.block_size // self.hash_block_size)
                 for g in self.groups]

@@ -9,8 +9,14 @@ failure report vLLM accepts for hybrid models -- and it is not retried.
 
 Saves: an attention block is saved in the step that fills it; a recurrent state
 is saved in the step vLLM offers it (``boundary_state_offloads``, prefill and
-decode boundaries alike). The worker copies them out at the end of that same
-step, while the request still owns the blocks, so nothing needs pinning.
+decode boundaries alike) if the admission policy (:mod:`kvtier.admission`)
+admits it; the policy also says where a prefill chunk must end so that a state
+exists at all. The default moves no chunk end unless the tier's lookup revealed a
+fleet junction (attention blocks shared past the restorable boundary: another
+request ran this prefix and left it there), so on a miss vLLM's scheduling and
+tokens are exactly those of an engine without the connector. The worker copies
+saves out at the end of that same step, while the request still owns the
+blocks, so nothing needs pinning.
 
 PD hand-offs (:mod:`.handoff`): a prefill asked for by a router stops one token
 short and saves the tail past its last full block; a decode request carrying the
@@ -41,6 +47,7 @@ from kvtier.connectors.vllm.layout import CacheLayout, GroupLayout
 from kvtier.connectors.vllm.metadata import BlockIO, KVTierMetadata, LoadJob
 from kvtier.connectors.vllm.stats import ConnectorStats
 
+from kvtier.admission import RequestView
 from kvtier.backends.base import PutItem
 from kvtier.backends.guard import GuardedBackend
 from kvtier.config import ConnectorConfig
@@ -85,6 +92,8 @@ class SchedulerSide:
         self._failed_loads: set[str] = set()
         self._waits: dict[str, HandoffWait] = {}  # decode requests expecting a hand-off
         self._handoffs: dict[str, tuple[int, bytes]] = {}  # prefill req -> (tokens, id) saved
+        self.policy = cfg.admission_policy()
+        self._views: dict[str, RequestView] = {}  # req -> what the policy sees of it
 
     def _write_manifest(self) -> None:
         """Best effort, once the tier answers and again whenever it lost the manifest
@@ -126,9 +135,33 @@ class SchedulerSide:
             return None, False  # hand-off announced but not in the tier yet: ask again
         if ext:
             return ext, True
-        ext, load_async = self._match(request, num_computed)
+        ext, load_async, junction = self._match(request, num_computed)
+        self._views[request.request_id] = self._view(request, num_computed + ext if ext else 0,
+                                                     junction)
         self._request_checkpoint(request, num_computed + ext)
         return ext, load_async
+
+    def _view(self, request: Request, hit_tokens: int = 0,
+              junction: int | None = None) -> RequestView:
+        """What the admission policy sees of ``request``. ``in_chunk_checkpoints`` is
+        False: vLLM 0.32 writes a state inside a chunk only at the prompt's last aligned
+        position (Mamba2, KDA), where align mode stops anyway, and GDN never does."""
+        return RequestView(
+            num_prompt_tokens=request.num_prompt_tokens,
+            boundary_tokens=self.layout.scheduler_block_size,
+            hit_boundary=hit_tokens // self.layout.scheduler_block_size,
+            junctions=(junction,) if junction else (),
+            is_pd_prefill=handoff.is_prefill_request(request.kv_transfer_params),
+            state_bytes_per_boundary=self.layout.state_bytes_per_boundary,
+            kv_bytes_per_token=self.layout.kv_bytes_per_token,
+            in_chunk_checkpoints=False,
+        )
+
+    def _view_of(self, request: Request) -> RequestView:
+        view = self._views.get(request.request_id)
+        if view is None:
+            view = self._views[request.request_id] = self._view(request)
+        return view
 
     def _match_handoff(self, request: Request, num_computed: int) -> int | None:
         """Tokens of an announced PD hand-off to load, None to wait for its upload,
@@ -189,40 +222,42 @@ class SchedulerSide:
         return plan
 
     def _request_checkpoint(self, request: Request, position: int) -> None:
-        """Make vLLM end the next prefill chunk at the next checkpoint boundary.
+        """Make vLLM end the next prefill chunk where the admission policy wants a state.
 
-        vLLM writes a recurrent state only where a chunk ends; for one long
-        prompt that is its last boundary. Moving the request's junction
-        (``shared_prefix_boundary``, which the scheduler always stops a chunk at)
-        to the next boundary after each chunk makes states appear every
-        ``checkpoint_every`` boundaries, and the worker saves each of them.
+        vLLM writes a recurrent state only where a chunk ends; for one long prompt
+        that is its last boundary. Moving the request's junction
+        (``shared_prefix_boundary``, which the scheduler always stops a chunk at) to
+        the policy's next chunk end makes a state appear there, and the worker saves
+        it. A policy answering None (the default on a miss) leaves vLLM's scheduling,
+        and so its arithmetic, untouched.
         """
-        if not self.cfg.checkpoint_every or handoff.is_prefill_request(request.kv_transfer_params):
+        view = self._view_of(request)
+        if view.is_pd_prefill:
             return  # a PD prefill keeps vLLM's own chunking: its hand-off is then exact
-        step = self.cfg.checkpoint_every * self.layout.scheduler_block_size
-        target = (position // step + 1) * step
-        if target >= request.num_prompt_tokens:
+        target = self.policy.chunk_end(view, position)
+        if target is None or not position < target < request.num_prompt_tokens:
             return
         current = getattr(request, "shared_prefix_boundary", 0) or 0
         if position < current < target:
             return  # vLLM's own junction comes first; ours follows after it
         request.shared_prefix_boundary = target
 
-    def _match(self, request: Request, num_computed: int) -> tuple[int, bool]:
+    def _match(self, request: Request, num_computed: int) -> tuple[int, bool, int | None]:
+        """(tokens to load, load async, fleet junction boundary or None)."""
         self._pending_hits[request.request_id] = (num_computed, 0)
         self._write_manifest()
         if request.request_id in self._failed_loads:
             self._failed_loads.discard(request.request_id)
-            return 0, False  # its load just failed: recompute, don't try again
+            return 0, False, None  # its load just failed: recompute, don't try again
         if not self.cfg.load or getattr(request, "skip_reading_prefix_cache", False):
-            return 0, False
+            return 0, False, None
         S = self.layout.scheduler_block_size
         if num_computed % S:
-            return 0, False
+            return 0, False, None
         max_boundary = (request.num_tokens - 1) // S  # vLLM must compute >= 1 token
         start = num_computed // S
         if max_boundary <= start:
-            return 0, False
+            return 0, False, None
         query = LookupQuery(
             namespace=self.ns,
             rank=0,
@@ -237,7 +272,9 @@ class SchedulerSide:
         self.stats.lookup(ext > 0, result.reason.value if ext == 0 else "hit", ext)
         if ext:
             self._pending_hits[request.request_id] = (num_computed, ext)
-        return ext, ext > 0
+        if result.junction:
+            self.stats.add("junction_hints")
+        return ext, ext > 0, result.junction
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
                                  num_external_tokens: int) -> None:
@@ -302,6 +339,8 @@ class SchedulerSide:
                         and handoff.is_prefill_request(st.request.kv_transfer_params)
                         and self.save_prompt):
                     self._plan_handoff_saves(meta, rid, st, ids)
+        if meta.saves:  # with the worker's saved/failed counts: "every save has landed"
+            self.stats.add("save_blocks_planned", len(meta.saves))
         return meta
 
     def _plan_handoff_saves(self, meta: KVTierMetadata, rid: str, st: _ReqState,
@@ -390,8 +429,19 @@ class SchedulerSide:
         decode = boundary > st.request.num_prompt_tokens
         if not (self.save_decoded if decode else self.save_prompt):
             return
+        if not self._admit(st.request, boundary, decode):
+            return
         st.saved_states.add((gid, boundary))
         meta.saves.append(BlockIO(gid, bid, h, ph, anchor.group_id, decode))
+
+    def _admit(self, request: Request, boundary: int, decode: bool) -> bool:
+        """The policy's verdict on the state at ``boundary`` tokens; a PD prefill's state
+        at its (truncated) prompt end is its hand-off and always saved."""
+        view = self._view_of(request)
+        ok = (view.is_pd_prefill and boundary == request.num_prompt_tokens) or \
+            self.policy.admit_state(view, boundary // self.layout.scheduler_block_size, decode)
+        self.stats.add("states_admitted" if ok else "states_declined")
+        return ok
 
     def update_connector_output(self, finished_recving: set[str],
                                 failed_recving: set[str]) -> None:
@@ -407,6 +457,7 @@ class SchedulerSide:
         self._pending_hits.pop(rid, None)
         self._failed_loads.discard(rid)
         self._waits.pop(rid, None)
+        self._views.pop(rid, None)
         done = self._handoffs.pop(rid, None)
         params = None
         if done is not None:  # PD prefill: tell the router (and decode) what the tier holds

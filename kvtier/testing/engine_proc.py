@@ -48,6 +48,7 @@ class Generation:
     token_ids: list[int]
     num_cached_tokens: int
     kv_transfer_params: dict[str, Any] | None = None
+    logprobs: list[float] | None = None  # of each sampled token, if asked for
 
 
 class EngineProcess:
@@ -113,22 +114,27 @@ class EngineProcess:
             return ""
 
     def generate(self, prompt_token_ids: list[int], max_tokens: int = 16,
-                 reset_local_cache: bool = True) -> Generation:
+                 reset_local_cache: bool = True, logprobs: bool = False) -> Generation:
         """Greedy generation; by default the local prefix cache is emptied first,
         so any hit is the tier's."""
-        return self.generate_many([prompt_token_ids], max_tokens, reset_local_cache)[0]
+        return self.generate_many([prompt_token_ids], max_tokens, reset_local_cache,
+                                  logprobs=logprobs)[0]
 
     def generate_many(self, prompts: list[list[int]], max_tokens: int = 16,
                       reset_local_cache: bool = True,
-                      extra_args: list[dict[str, Any] | None] | None = None) -> list[Generation]:
+                      extra_args: list[dict[str, Any] | None] | None = None,
+                      logprobs: bool = False) -> list[Generation]:
         """All prompts in one batch (they compete for KV blocks: preemption can happen).
 
         ``extra_args`` (one per prompt) go to ``SamplingParams.extra_args``, e.g.
-        ``{"kv_transfer_params": ...}`` as vLLM's API server passes them."""
+        ``{"kv_transfer_params": ...}`` as vLLM's API server passes them. ``logprobs``
+        also returns each sampled token's logprob (bit-exact arithmetic shows there
+        before it flips a greedy token)."""
         outs = self._call("generate_many", {"prompts": prompts, "max_tokens": max_tokens,
-                                            "reset": reset_local_cache, "extra": extra_args})
-        return [Generation(o["token_ids"], o["num_cached_tokens"], o["kv_transfer_params"])
-                for o in outs]
+                                            "reset": reset_local_cache, "extra": extra_args,
+                                            "logprobs": logprobs})
+        return [Generation(o["token_ids"], o["num_cached_tokens"], o["kv_transfer_params"],
+                           o.get("logprobs")) for o in outs]
 
     def engine_stats(self) -> dict[str, Any]:
         """vLLM scheduler facts the tests care about: preemptions so far (and which
@@ -180,13 +186,16 @@ def _child(sock: str) -> None:
                 if arg["reset"]:
                     llm.reset_prefix_cache()
                 extra = arg.get("extra") or [None] * len(arg["prompts"])
+                lp = 0 if arg.get("logprobs") else None
                 sps = [SamplingParams(temperature=0.0, max_tokens=arg["max_tokens"],
-                                      ignore_eos=True, extra_args=x) for x in extra]
+                                      ignore_eos=True, extra_args=x, logprobs=lp)
+                       for x in extra]
                 outs = llm.generate([{"prompt_token_ids": p} for p in arg["prompts"]], sps,
                                     use_tqdm=False)
                 conn.send((True, [{"token_ids": list(o.outputs[0].token_ids),
                                    "num_cached_tokens": int(o.num_cached_tokens or 0),
-                                   "kv_transfer_params": o.kv_transfer_params}
+                                   "kv_transfer_params": o.kv_transfer_params,
+                                   "logprobs": _sampled_logprobs(o.outputs[0])}
                                   for o in outs]))
             elif op == "engine_stats":
                 conn.send((True, _engine_stats(llm)))
@@ -198,6 +207,12 @@ def _child(sock: str) -> None:
             import traceback
 
             conn.send((False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def _sampled_logprobs(out: Any) -> list[float] | None:
+    if not out.logprobs:
+        return None
+    return [float(lp[t].logprob) for t, lp in zip(out.token_ids, out.logprobs)]
 
 
 def _worker_connector() -> Any:
@@ -230,6 +245,11 @@ def _engine_stats(llm: Any) -> dict[str, Any]:
         "preemptions": int(reqs), "num_blocks": int(sched.kv_cache_config.num_blocks),
         "block_size": int(sched.cache_config.block_size),
         "preempted": list(getattr(sched, "_kvtier_preempted", []))}
+    side = getattr(getattr(sched, "connector", None), "_sched", None)
+    if side is not None:  # what the admission policy weighs (kvtier.sim predicts with it)
+        out["state_bytes_per_boundary"] = side.layout.state_bytes_per_boundary
+        out["kv_bytes_per_token"] = side.layout.kv_bytes_per_token
+        out["max_num_batched_tokens"] = int(sched.scheduler_config.max_num_batched_tokens)
     try:
         from kvtier.connectors.vllm.stats import ConnectorStats
 

@@ -4,12 +4,15 @@ The loader deletes only the blocks it tried; every other bad state stays in the
 tier until a save replaces it (``kvtier.payload.put_verdict``). Here the
 states both shallower and deeper than a failed load are corrupt: the recomputes
 of the requests that hit them store sound copies over them, and every boundary
-restores again with a cold run's tokens.
+restores again with a cold run's tokens. The engine checkpoints densely
+(``checkpoint_every=1``) so one prompt stores a state at every boundary; the
+default admission's states are healed the same way.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -19,6 +22,7 @@ from kvtier.backends.base import Backend, PutItem
 from kvtier.hashing import prompt_block_hashes
 from kvtier.keys import BlockKey
 from kvtier.manifest import load_manifests
+from kvtier.testing.engine_proc import EngineProcess, engine_kwargs
 from kvtier.testing.tiny_model import make_prompt_token_ids
 from kvtier.testing.waits import wait_restorable
 from tests.e2e.conftest import BLOCK
@@ -55,7 +59,16 @@ def _sound(b: Backend, keys: list[bytes]) -> bool:
     return all(ok(k, v) for k, v in zip(keys, b.get_many(keys)))
 
 
-def test_corrupt_states_around_failed_loads_are_healed(cold, node_a, node_b, tier):
+@pytest.fixture(scope="module")
+def dense(model_path, tier) -> Iterator[EngineProcess]:
+    """Writer and reader at once (every generate empties its local prefix cache)."""
+    with EngineProcess(engine_kwargs(model_path, tier.url, checkpoint_every=1),
+                       "heal-dense") as e:
+        yield e.wait_ready()
+
+
+def test_corrupt_states_around_failed_loads_are_healed(cold, dense, tier):
+    node_a = node_b = dense
     sizes = {1: BLOCK + 100, 2: 2 * BLOCK + 100, 4: 4 * BLOCK + 100, 5: 5 * BLOCK + 80}
     p = make_prompt_token_ids(sizes[5], 9101, 4096)  # states at boundaries 1..5
     q = p[:sizes[2]]  # the same prefix, shorter: its lookup stops at boundary 2

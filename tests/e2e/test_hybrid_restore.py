@@ -76,13 +76,23 @@ def test_next_turn_hits_past_first_prompt(cold, node_a, node_b, tier):
 
 
 def test_shared_prefix_hits_last_common_boundary(cold, node_a, node_b, tier):
+    """The default admission saves p's prompt-end state, not one at every boundary:
+    the first request sharing only part of p finds the shared attention blocks without
+    a state (a junction), misses and saves the state there; the next one hits at the
+    last common boundary. Dense checkpoints hit at once (test_options, checkpoint_every)."""
     p = prompt(2000, seed=104)
     node_a.generate(p)
     landed(tier.url, p, deepest_boundary(len(p)))
+    shared = 1000 // BLOCK * BLOCK
     q = p[:1000] + prompt(600, seed=105)  # diverges inside a block
-    hit = node_b.generate(q)
-    assert hit.num_cached_tokens == 1000 // BLOCK * BLOCK
-    assert hit.token_ids == cold.generate(q).token_ids
+    first = node_b.generate(q)
+    assert first.num_cached_tokens == 0
+    assert first.token_ids == cold.generate(q).token_ids
+    landed(tier.url, q, shared)
+    r = p[:1000] + prompt(600, seed=106)
+    hit = node_a.generate(r)
+    assert hit.num_cached_tokens == shared
+    assert hit.token_ids == cold.generate(r).token_ids
 
 
 def test_corrupt_block_is_a_miss_not_wrong_tokens(cold, node_a, node_b, tier):

@@ -145,7 +145,7 @@ def test_bulk_port_off_restores_over_grpc_streaming(opts: Options):
 
 def test_checkpoint_every_2_and_0(opts: Options):
     """N=2 stores a state every 2 boundaries (and vLLM's own at the last one); N=0
-    only vLLM's own. N=1 (every boundary) is test_hybrid_restore's shared-prefix test."""
+    only vLLM's own (N=N is admission=dense, every=N)."""
     p = prompt(2000, seed=403)
     opts.w.generate(p)
     S, last = BLOCK, deepest_boundary(len(p)) // BLOCK
@@ -293,3 +293,16 @@ def test_rediss_with_acl_user_through_the_connector(model_path: Path, opts: Opti
         with srv.client() as admin:
             assert admin.dbsize() > 0
     assert not any(k.startswith("error_") for k in stats), stats
+
+
+def test_bad_admission_stops_the_engine_with_a_clear_error(model_path: Path):
+    """An unknown policy, or checkpoint_every next to another policy, fails at start
+    with a message naming the option, never a silently different policy."""
+    for extra, words in (({"admission": "lru"}, ["unknown admission policy 'lru'", "marconi"]),
+                         ({"admission": "marconi", "checkpoint_every": 2},
+                          ["checkpoint_every", "admission=dense"])):
+        with engine(engine_kwargs(model_path, "grpc://127.0.0.1:9", **extra), "opt-bad") as e, \
+                pytest.raises(RuntimeError) as err:
+            e.wait_ready()
+        for w in words:
+            assert w in str(err.value), str(err.value)[-2000:]
