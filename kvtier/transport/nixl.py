@@ -179,6 +179,11 @@ class Staging:
         self._local.cur = (buf, addr, handle)
         return buf, addr
 
+    def discard(self) -> None:
+        """Never reuse this thread's buffer (a failed transfer may still write to it); it
+        stays registered, so a late write lands in memory nobody reads."""
+        self._local.cur = None
+
 
 class ProgressPump:
     """Calls :meth:`NixlAgent.progress` every ``interval_s`` while ``busy()`` or for a
@@ -312,8 +317,12 @@ class NixlClient:
         rem = np.stack([np.fromiter((e.address for _, e in found), dtype=np.uint64,
                                     count=len(found)), lens], axis=1)
         # Half the time left: a transfer that hangs leaves the other half to TCP or gRPC.
-        self.agent.transfer("READ", remote, local, rem,
-                            max(1e-3, (deadline - time.monotonic()) / 2))
+        try:
+            self.agent.transfer("READ", remote, local, rem,
+                                max(1e-3, (deadline - time.monotonic()) / 2))
+        except NixlError:
+            self._staging.discard()  # a late-landing READ must never write into a reuse
+            raise
         view = memoryview(buf)
         read_bytes = 0
         for (i, e), off in zip(found, offs.tolist()):
