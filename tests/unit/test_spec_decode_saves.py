@@ -63,7 +63,10 @@ def _scheduler() -> Scheduler:
         kv_transfer_config={"kv_connector": "KVTierConnector",
                             "kv_connector_module_path": "kvtier.connectors.vllm",
                             "kv_role": "kv_both",
-                            "kv_connector_extra_config": {"tier_url": "memory://"}})
+                            # dense: a chunk end and a saved state at every boundary,
+                            # so every kind of boundary is offered and checked
+                            "kv_connector_extra_config": {"tier_url": "memory://",
+                                                          "checkpoint_every": 1}})
     cfg = args.create_engine_config()
     cfg.cache_config.num_gpu_blocks = 200
     gdn = MambaSpec(block_size=BS, shapes=((3, 64), (2, 16, 16)),
