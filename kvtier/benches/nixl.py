@@ -79,7 +79,8 @@ def _copy_bench(total: int, block_bytes: int) -> tuple[float, float]:
     views = [BlockView(k), BlockView(v)]
     ids = torch.randperm(pool)[:n].tolist()
     rows = torch.randint(0, 255, (n, block_bytes), dtype=torch.uint8)
-    paged = _median_s(lambda: gather(views, ids) if scatter(views, ids, rows) is None else None)
+    back = torch.empty_like(rows)  # the gather reuses its staging rows, as memcpy reuses dst
+    paged = _median_s(lambda: (scatter(views, ids, rows), gather(views, ids, out=back)))
     src = torch.empty(n * block_bytes, dtype=torch.uint8)
     dst = torch.empty_like(src)
     flat = _median_s(lambda: (dst.copy_(src), src.copy_(dst)))

@@ -16,7 +16,12 @@ def hybrid_views(num_blocks: int = 12, seed: int = 0) -> list[BlockView]:
     backing = torch.randint(-128, 127, (num_blocks, 1, 1, 400), dtype=torch.int8, generator=g)
     gdn = backing[..., :300]
     kv_first = torch.randn(2, num_blocks, 8, generator=g)  # block dim 1 (GPU-style layout)
-    return [BlockView(attn), BlockView(gdn), BlockView(kv_first, 1)]
+    # Big blocks take the block-by-block CPU path when contiguous, the indexed one when not.
+    big_strided = torch.randint(-128, 127, (num_blocks, 8, 1200), dtype=torch.int8,
+                                generator=g)[..., :1000]
+    big_kv_first = torch.randn(2, num_blocks, 2048, generator=g)
+    return [BlockView(attn), BlockView(gdn), BlockView(kv_first, 1), BlockView(big_strided),
+            BlockView(big_kv_first, 1)]
 
 
 def block_bytes(v: BlockView, i: int) -> torch.Tensor:
@@ -31,6 +36,15 @@ def test_gather_rows_are_the_blocks_bytes():
     assert rows.shape == (len(ids), row_bytes(views)) and rows.dtype == torch.uint8
     for row, i in zip(rows, ids):  # every row: every view's bytes of its block, in order
         assert torch.equal(row, torch.cat([block_bytes(v, i) for v in views]))
+
+
+def test_gather_into_a_reused_buffer():
+    views = hybrid_views(seed=3)
+    out = torch.full((3, row_bytes(views)), 7, dtype=torch.uint8)
+    assert gather(views, [2, 5, 1], out=out) is out
+    assert torch.equal(out, gather(views, [2, 5, 1]))
+    with pytest.raises(ValueError, match="do not match"):
+        gather(views, [2, 5], out=out)
 
 
 def test_scatter_inverts_gather_into_other_blocks():
