@@ -74,19 +74,19 @@ def nixl_connector_config(kv_role: str) -> dict[str, Any]:
 
 def _nixl_env() -> dict[str, str]:
     """Per engine: its own NIXL side channel, the hook that turns the progress thread off,
-    and OpenMP's first thread bound to the last core.
+    and OpenMP kept off the last core.
 
     On CPU, vLLM's NIXL worker pins the thread that builds it (the engine's main thread,
-    which is also OpenMP's thread 0) to the last core "for kv transfer"; with the default
-    binding, OpenMP's last thread is already there and the two spin on each other's
-    barriers (the stalls seen on 2 cores). Listing the last core first keeps one
-    OpenMP thread per core, as the kvtier engines have.
+    which is also OpenMP's thread 0) to the last core, reserved "for kv transfer"; with
+    the default binding OpenMP's last thread is bound there too and the two spin on each
+    other's barriers (seen here: both on core 1, prefill stalled for minutes). Binding
+    OpenMP to the other cores leaves the main thread alone on the last one.
     """
     path = os.pathsep.join(p for p in (str(NIXL_HOOK), os.environ.get("PYTHONPATH")) if p)
     cores = sorted(os.sched_getaffinity(0))
     return {"VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
             "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()), "PYTHONPATH": path,
-            "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, [cores[-1], *cores[:-1]]))}
+            "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores[:-1] or cores))}
 
 
 def _idle_cpu(server: ApiServer, seconds: float = 5.0) -> float | None:
