@@ -255,8 +255,9 @@ def test_memory_url_in_a_single_engine(model_path: Path, opts: Options):
         first = m.generate(p)
         assert (first.num_cached_tokens, first.token_ids) == (0, ref.token_ids)
         # Nobody else can reach this tier: wait on the engine's own upload counter for
-        # each boundary's attention block and states (checkpoint_every=1).
-        blocks = (1 + STATE_GROUPS) * deepest // BLOCK
+        # each boundary's attention block and the states at the prompt's end (default
+        # admission).
+        blocks = deepest // BLOCK + STATE_GROUPS
         wait_until(lambda: m.connector_stats().get("blocks_saved", 0) >= blocks, 60,
                    f"{blocks} blocks saved to memory://")
         hit = m.generate(p)  # local prefix cache emptied first: the hit is the tier's
