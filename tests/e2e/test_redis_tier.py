@@ -104,6 +104,10 @@ def test_parent_deleted_behind_the_tier(setup: Setup, cold):
     ref = cold.generate(p)
     setup.a.generate(p)
     landed(setup.url, p, deepest_boundary(len(p)))
+    # The default admission saved p's prompt-end state only; a request sharing p's first
+    # boundary makes it a junction, so a state exists there too.
+    setup.a.generate(p[:300] + prompt(300, seed=205))
+    landed(setup.url, p[:BLOCK + 1], BLOCK)
     with open_backend(setup.url) as tier:
         manifests = [NamespaceManifest.from_bytes(v) for v in tier.get_many(
             [e.key for e in tier.scan(b"kvt1:") if is_manifest_key(e.key)]) if v]
