@@ -91,6 +91,17 @@ def namespace_prefix(namespace: bytes | None = None) -> bytes:
     return KEY_PREFIX + b":" + namespace.hex().encode() + b":"
 
 
+def namespace_of(key: bytes) -> bytes | None:
+    """The namespace a kvtier key (block or manifest) lives in; None for anything else."""
+    parts = key.split(b":", 2)
+    if len(parts) < 3 or parts[0] != KEY_PREFIX or len(parts[1]) != 2 * NAMESPACE_BYTES:
+        return None
+    try:
+        return bytes.fromhex(parts[1].decode())
+    except ValueError:
+        return None
+
+
 MANIFEST_SUFFIX = b":manifest"
 
 

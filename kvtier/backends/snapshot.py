@@ -38,7 +38,7 @@ import xxhash
 from kvtier import __version__
 from kvtier.backends.base import PutItem
 from kvtier.backends.memory import MemoryBackend
-from kvtier.keys import BlockKey, is_manifest_key
+from kvtier.keys import is_manifest_key, namespace_of
 from kvtier.payload import PayloadError, read_header
 
 log = logging.getLogger("kvtier.snapshot")
@@ -66,12 +66,8 @@ class SnapshotInfo:
 
 
 def _namespace_of(key: bytes) -> str:
-    if is_manifest_key(key):
-        return key.split(b":")[1].decode()
-    try:
-        return BlockKey.decode(key).namespace.hex()
-    except ValueError:
-        return ""  # a raw key (tests, other tools): stored, listed under ""
+    ns = namespace_of(key)
+    return ns.hex() if ns else ""  # a raw key (tests, other tools): stored, listed under ""
 
 
 def _describe(items: list[tuple[PutItem, bool]]) -> dict:

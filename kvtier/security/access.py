@@ -18,37 +18,18 @@ anyone else's entries, and is refused if that is not enough.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
 
 from kvtier.backends.base import Backend, PutItem
-from kvtier.keys import KEY_PREFIX, NAMESPACE_BYTES, Namespace, is_manifest_key, namespace_prefix
+from kvtier.keys import KEY_PREFIX, Namespace, is_manifest_key, namespace_of, namespace_prefix
+from kvtier.manifest import NamespaceManifest
 from kvtier.security.tokens import AuthError, Principal, TokenRegistry, TokenSet
 
 log = logging.getLogger("kvtier.auth")
 _USAGE_TTL_S = 1.0
-
-
-def namespace_of(key: bytes) -> bytes | None:
-    """The namespace a kvtier key (block or manifest) lives in; None for anything else."""
-    parts = key.split(b":", 2)
-    if len(parts) < 3 or parts[0] != KEY_PREFIX or len(parts[1]) != 2 * NAMESPACE_BYTES:
-        return None
-    try:
-        return bytes.fromhex(parts[1].decode())
-    except ValueError:
-        return None
-
-
-def _manifest_identity(value: bytes | memoryview) -> tuple[str, str] | None:
-    try:
-        d = json.loads(bytes(value))
-        return str(d["model"]), str(d["layout"])
-    except (ValueError, KeyError, TypeError):
-        return None
 
 
 class Access:
@@ -88,11 +69,12 @@ class Access:
 
     @staticmethod
     def _prove(ns: bytes, manifest: bytes | memoryview, tenants: Iterable[str]) -> str | None:
-        ident = _manifest_identity(manifest)
-        if ident is None:
+        try:
+            m = NamespaceManifest.from_bytes(manifest)
+        except ValueError:
             return None
         for t in tenants:
-            if Namespace(ident[0], ident[1], t).id == ns:
+            if Namespace(m.model, m.layout, t).id == ns:
                 return t
         return None
 

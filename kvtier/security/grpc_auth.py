@@ -17,8 +17,8 @@ from typing import Any
 import grpc
 
 from kvtier.backends.base import PutItem
-from kvtier.keys import is_manifest_key, namespace_prefix
-from kvtier.security.access import Access, namespace_of
+from kvtier.keys import is_manifest_key, namespace_of, namespace_prefix
+from kvtier.security.access import Access
 from kvtier.security.tokens import AuthError, Principal
 
 _CODES = {"unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
