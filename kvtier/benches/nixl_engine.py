@@ -75,7 +75,9 @@ def run_engine_idle_bench(seconds: float = 5.0, settle_s: float = 3.0) -> dict[s
             engines["nixl"].generate(prompt, max_tokens=4)
             wait_restorable(t.url, prompt, boundary, timeout_s=60)
             hit = engines["nixl"].generate(prompt, max_tokens=4)  # local cache emptied first
-            assert hit.num_cached_tokens == boundary, f"no tier hit: {hit.num_cached_tokens}"
+            assert hit.num_cached_tokens == boundary, (
+                f"{hit.num_cached_tokens} tokens hit, not {boundary}: "
+                f"{engines['nixl'].connector_stats()}\n{engines['nixl'].tail()}")
             moved = {d: _nixl_bytes(mport, d) for d in ("in", "out")}
             assert moved["in"] > 0 and moved["out"] > 0, f"NIXL was not used: {moved}"
             time.sleep(settle_s)  # past the loads, uploads and the server's progress window
