@@ -16,7 +16,7 @@ from types import ModuleType
 import torch
 
 from kvtier.kernels import torch_copy
-from kvtier.kernels.torch_copy import BlockView
+from kvtier.kernels.torch_copy import BlockView, Buffer
 
 log = logging.getLogger("kvtier.connector")
 
@@ -46,9 +46,13 @@ class CopyPath:
         return torch_copy.gather(views, block_ids)
 
     def scatter(self, views: Sequence[BlockView], block_ids: Sequence[int],
-                rows: torch.Tensor) -> None:
+                rows: torch.Tensor | Sequence[Buffer]) -> None:
+        """``rows``: a staging tensor or one byte buffer per block (torch copies those
+        straight into CPU blocks; Triton needs them joined into one tensor)."""
         # A failed Triton scatter may have written some rows: torch rewrites every one.
         if self._impl is not torch_copy:
+            if not isinstance(rows, torch.Tensor):
+                rows = torch_copy.stack_rows(views, len(block_ids), rows)
             try:
                 return self._impl.scatter(views, block_ids, rows)
             except Exception as e:  # noqa: BLE001

@@ -26,8 +26,12 @@ def hybrid_views(device: str, num_blocks: int, seed: int) -> list[BlockView]:
     backing = torch.randint(-128, 127, (num_blocks, 1, 1, 400), dtype=torch.int8, generator=g)
     kv_first = torch.randn(2, num_blocks, 24, generator=g)
     odd = torch.randint(0, 255, (num_blocks, 37), dtype=torch.uint8, generator=g)  # byte words
+    # A packed state page per block, conv then ssm, big enough for torch's byte-run path.
+    page = torch.randn(num_blocks, 3 * 1024 + 64, generator=g).to(device)
+    conv, ssm = page[:, :1024], page[:, 1024:3072].view(num_blocks, 32, 64)
     return [BlockView(attn.to(device)), BlockView(backing.to(device)[..., :300]),
-            BlockView(kv_first.to(device), 1), BlockView(odd.to(device))]
+            BlockView(kv_first.to(device), 1), BlockView(odd.to(device)),
+            BlockView(conv), BlockView(ssm)]
 
 
 def _transposed(n: int, g: torch.Generator) -> BlockView:  # per-block bytes not contiguous
