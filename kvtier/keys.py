@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +83,17 @@ class BlockKey:
             )
         except ValueError as e:
             raise ValueError(f"malformed kvtier block key {raw[:80]!r}: {e}") from None
+
+
+# What BlockKey.encode produces, and nothing else: servers check every key of every
+# call, and decoding each (fromhex, int) cost twice as much.
+_CANONICAL = re.compile(
+    rb"%s:[0-9a-f]{%d}:-?[0-9]+:-?[0-9]+:(?:[0-9a-f]{2})*" % (KEY_PREFIX, 2 * NAMESPACE_BYTES))
+
+
+def is_block_key(raw: bytes) -> bool:
+    """Whether ``raw`` is a block key exactly as :meth:`BlockKey.encode` writes one."""
+    return _CANONICAL.fullmatch(raw) is not None
 
 
 def namespace_prefix(namespace: bytes | None = None) -> bytes:

@@ -54,6 +54,7 @@ class Arena:
         self.region_bytes = region_bytes
         self._maps = [mmap.mmap(-1, region_bytes) for _ in range(n)]
         self.views = [np.frombuffer(m, dtype=np.uint8) for m in self._maps]
+        self.bases = [int(v.ctypes.data) for v in self.views]  # regions never move
         self._free: list[list[list[int]]] = [[[0, region_bytes]] for _ in range(n)]
         self._gens = itertools.count(1)
         self.allocated = 0
@@ -63,7 +64,7 @@ class Arena:
         return self.region_bytes * len(self._maps)
 
     def base_address(self, region: int) -> int:
-        return int(self.views[region].ctypes.data)
+        return self.bases[region]
 
     def regions(self) -> list[tuple[int, int]]:
         """(address, length) of every region, for registration."""

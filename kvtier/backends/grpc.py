@@ -355,6 +355,8 @@ class GrpcBackend(Backend):
                 "bulk_port": r.bulk_port, "nixl_agent": r.nixl_agent, "url": self.url}
 
     def close(self) -> None:
+        if self._nixl is not None:
+            self._nixl.close()
         sock = getattr(self._bulk_local, "sock", None)
         if sock is not None:
             sock.close()

@@ -227,14 +227,20 @@ class LocateRequest(_message.Message):
     def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., lease_s: _Optional[float] = ...) -> None: ...
 
 class LocateReply(_message.Message):
-    __slots__ = ("lease_id", "extents", "nixl_agent")
+    __slots__ = ("lease_id", "nixl_agent", "address", "length", "generation", "region")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
-    EXTENTS_FIELD_NUMBER: _ClassVar[int]
     NIXL_AGENT_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
     lease_id: int
-    extents: _containers.RepeatedCompositeFieldContainer[Extent]
     nixl_agent: str
-    def __init__(self, lease_id: _Optional[int] = ..., extents: _Optional[_Iterable[_Union[Extent, _Mapping]]] = ..., nixl_agent: _Optional[str] = ...) -> None: ...
+    address: _containers.RepeatedScalarFieldContainer[int]
+    length: _containers.RepeatedScalarFieldContainer[int]
+    generation: _containers.RepeatedScalarFieldContainer[int]
+    region: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, lease_id: _Optional[int] = ..., nixl_agent: _Optional[str] = ..., address: _Optional[_Iterable[int]] = ..., length: _Optional[_Iterable[int]] = ..., generation: _Optional[_Iterable[int]] = ..., region: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("lease_id", "read_bytes")

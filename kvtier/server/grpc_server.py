@@ -270,8 +270,13 @@ class TierServicer(pb_grpc.TierServicer):
             if self.metrics is not None:
                 found = sum(x is not None for x in locs)
                 self.metrics.hits(found, len(locs) - found)
-            return pb.LocateReply(lease_id=lease, extents=self._extents(locs),
-                                  nixl_agent=plane.agent.name)  # type: ignore[union-attr]
+            bases = self.backend.arena.bases  # type: ignore[attr-defined]
+            return pb.LocateReply(
+                lease_id=lease, nixl_agent=plane.agent.name,  # type: ignore[union-attr]
+                address=[0 if x is None else bases[x.region] + x.offset for x in locs],
+                length=[0 if x is None else x.length for x in locs],
+                generation=[0 if x is None else x.generation for x in locs],
+                region=[0 if x is None else x.region for x in locs])
 
         return self._guard(context, "locate", run)
 

@@ -1,9 +1,11 @@
 """NIXL (UCX) one-sided transfers: the agent both tier server and clients run.
 
 The server registers its arena regions once and advertises the agent's metadata
-in Health; a reader locates payloads over gRPC (under a lease), then pulls all
-of them with *one* NIXL READ of many descriptors into a registered staging
-buffer; a writer reserves extents and WRITEs them. No UCX progress thread:
+in Health; a reader locates payloads over gRPC (under a lease), then pulls them
+with NIXL READs of many descriptors into registered staging buffers (a long read
+in a few parts, the next part's Locate in flight during this part's READ; payloads
+stored back to back move as one descriptor); a writer reserves extents and WRITEs
+them. No UCX progress thread:
 it spins a whole core even when idle (measured here), so the initiator drives
 progress by polling the transfer with short, growing sleeps, and the server
 pumps progress only while leases or reservations are outstanding
@@ -24,7 +26,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import xxhash
 
-from kvtier.backends.arena import GEN_BYTES
+from kvtier.backends.arena import ALIGN, GEN_BYTES
 
 log = logging.getLogger("kvtier.nixl")
 _POPULATE = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
@@ -157,18 +159,46 @@ def _descs(pairs: np.ndarray) -> np.ndarray:
     return out
 
 
+def _spans(address: np.ndarray, length: np.ndarray, region: np.ndarray,
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Extents (in request order) grouped into spans read as one descriptor each: the next
+    extent of the same region starting less than ``ALIGN`` bytes after one ends (only the
+    allocator's padding lies between). A batch written together sits back to back, and
+    UCX pays per descriptor (~4 us each here). Returns each span's (address, length) and
+    each extent's offset in a staging buffer that mirrors the spans."""
+    end = address + length
+    gap = address[1:].astype(np.int64) - end[:-1].astype(np.int64)
+    joined = (region[1:] == region[:-1]) & (gap >= 0) & (gap < ALIGN)
+    first = np.concatenate(([True], ~joined))
+    starts = np.flatnonzero(first)
+    span_of = np.cumsum(first) - 1
+    lasts = np.concatenate((starts[1:] - 1, [len(address) - 1]))
+    span_len = end[lasts] - address[starts]
+    span_off = np.zeros(len(starts), dtype=np.uint64)
+    np.cumsum(span_len[:-1], out=span_off[1:])
+    return address[starts], span_len, span_off[span_of] + (address - address[starts][span_of])
+
+
 class Staging:
-    """Registered receive/send buffers, one per thread, reused while nobody views them."""
+    """Registered receive/send buffers per thread (one per pipeline ``slot``), reused
+    while nobody views them."""
 
     def __init__(self, agent: NixlAgent):
         self._agent = agent
         self._local = threading.local()
 
-    def get(self, nbytes: int) -> tuple[mmap.mmap, int]:
+    def _slots(self) -> dict[int, tuple[mmap.mmap, int, object]]:
+        slots = getattr(self._local, "slots", None)
+        if slots is None:
+            slots = self._local.slots = {}
+        return slots
+
+    def get(self, nbytes: int, slot: int = 0) -> tuple[mmap.mmap, int]:
         """A registered buffer of at least ``nbytes`` and its address."""
         from kvtier.transport.tcp_bulk import buffer_in_use
 
-        cur = getattr(self._local, "cur", None)
+        slots = self._slots()
+        cur = slots.get(slot)
         if cur is not None and len(cur[0]) >= nbytes and not buffer_in_use(cur[0]):
             return cur[0], cur[1]
         if cur is not None:
@@ -176,13 +206,13 @@ class Staging:
         buf = mmap.mmap(-1, max(nbytes, 1 << 20), flags=_POPULATE)
         addr = int(np.frombuffer(buf, dtype=np.uint8).ctypes.data)
         handle = self._agent.register([(addr, len(buf))])
-        self._local.cur = (buf, addr, handle)
+        slots[slot] = (buf, addr, handle)
         return buf, addr
 
-    def discard(self) -> None:
-        """Never reuse this thread's buffer (a failed transfer may still write to it); it
-        stays registered, so a late write lands in memory nobody reads."""
-        self._local.cur = None
+    def discard(self, slot: int = 0) -> None:
+        """Never reuse this buffer (a failed transfer may still write to it); it stays
+        registered, so a late write lands in memory nobody reads."""
+        self._slots().pop(slot, None)
 
 
 class ProgressPump:
@@ -263,88 +293,175 @@ class ServerPlane:
             self._pump.stop()
 
 
+PIPELINE_MIN_KEYS = 64  # fewer keys: one Locate, one READ
+PIPELINE_PARTS = 4
+
+
+def _parts(n: int) -> list[slice]:
+    """How a read of ``n`` keys is cut for the Locate/READ pipeline."""
+    k = PIPELINE_PARTS if n >= PIPELINE_MIN_KEYS else 1
+    bounds = [n * i // k for i in range(k + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+class _Located:
+    """A Locate in flight; its lease is released if the reader gives up on it."""
+
+    def __init__(self, client: NixlClient, server: str, n: int, fut) -> None:  # noqa: ANN001
+        self._client, self._server, self._n, self._fut = client, server, n, fut
+
+    def result(self):  # noqa: ANN201 - a LocateReply, checked
+        r = self._fut.result()
+        c = self._client
+        if r.nixl_agent != self._server:
+            c._release(r.lease_id, 0, wait=False)
+            raise NixlError(f"tier agent changed ({self._server} -> {r.nixl_agent})")
+        if not len(r.address) == len(r.length) == len(r.generation) == len(r.region) == self._n:
+            c._release(r.lease_id, 0, wait=False)
+            raise NixlError(f"tier answered {len(r.address)} extents for {self._n} keys")
+        return r
+
+    def abandon(self) -> None:
+        def done(f) -> None:  # noqa: ANN001
+            try:
+                self._client._release(f.result(timeout=0).lease_id, 0, wait=False)
+            except Exception as e:  # noqa: BLE001 - failed Locate: no lease to end
+                log.debug("abandoned Locate: %s", e)
+
+        self._fut.add_done_callback(done)
+
+
 class NixlClient:
-    """A tier client's NIXL side: Locate (gRPC) -> one READ of every payload -> validate
-    -> Release; and Reserve -> one WRITE -> Commit. A failed or torn transfer makes its
-    keys misses (reads) or raises :class:`NixlError` (writes: the caller falls back)."""
+    """A tier client's NIXL side: Locate (gRPC) -> one READ of every payload -> generation
+    check -> Release; and Reserve -> one WRITE -> Commit. A failed or torn transfer makes
+    its keys misses (reads) or raises :class:`NixlError` (writes: the caller falls back).
+
+    What makes a READ's bytes trustworthy: the lease outlives the call's deadline, so no
+    extent read in time can be freed and reused under the reader; the generation word
+    each extent starts with catches one that was anyway (a lease the server lost). The
+    content itself is checked once, end to end, where every transport's bytes are: each
+    kvtier payload carries a checksum of its header and data (:func:`kvtier.payload.decode`).
+    """
 
     def __init__(self, stub: object, timeout_s: float):
         self._stub = stub
         self.timeout_s = timeout_s
         self.agent = NixlAgent()
         self._staging = Staging(self.agent)
-        self.torn = 0  # payloads read but refused (generation or checksum changed)
+        self.torn = 0  # payloads read but refused (their extent's generation changed)
+        self._releasing: set = set()  # Release calls in flight (a dropped future cancels)
+        self._rel_lock = threading.Lock()
 
     def connect(self, name: str, metadata: bytes) -> str:
         return self.agent.add_remote(name, metadata)
 
     def read(self, server: str, keys: Sequence[bytes], deadline: float) -> list[memoryview | None]:
-        r = self.locate(server, keys, deadline)
-        read_bytes = 0
-        try:
-            out, read_bytes = self.fetch(server, r.extents, deadline)
-            return out
-        finally:
-            self._release(r.lease_id, read_bytes)
+        """Payloads of ``keys`` (None: missing or changed), pipelined: while one part is
+        READ, the next part's Locate is in flight, so only the first Locate is waited on."""
+        parts = _parts(len(keys))
+        out: list[memoryview | None] = []
+        pending = self._locate_async(server, keys[parts[0]], deadline)
+        for n in range(len(parts)):
+            located = pending.result()
+            pending = (self._locate_async(server, keys[parts[n + 1]], deadline)
+                       if n + 1 < len(parts) else None)
+            read_bytes = 0
+            try:
+                got, read_bytes = self.fetch(server, located, deadline, slot=n)
+            except BaseException:
+                if pending is not None:
+                    pending.abandon()
+                raise
+            finally:
+                self._release(located.lease_id, read_bytes, wait=False)
+            out.extend(got)
+        return out
 
-    def locate(self, server: str, keys: Sequence[bytes], deadline: float):  # noqa: ANN201
-        """The LocateReply for ``keys``: their extents under a lease (release it!)."""
+    def _locate_async(self, server: str, keys: Sequence[bytes], deadline: float) -> _Located:
         from kvtier.proto import tier_pb2 as pb
 
         left = max(1e-3, deadline - time.monotonic())
-        r = self._stub.Locate(pb.LocateRequest(keys=list(keys), lease_s=min(60.0, 2 * left + 1)),
-                              timeout=left)
-        if r.nixl_agent != server:
-            self._release(r.lease_id, 0)
-            raise NixlError(f"tier agent changed ({server} -> {r.nixl_agent})")
-        return r
+        # The lease ends well after the deadline: a READ still running then is abandoned.
+        req = pb.LocateRequest(keys=list(keys), lease_s=min(60.0, 2 * left + 1))
+        return _Located(self, server, len(keys), self._stub.Locate.future(req, timeout=left))
 
-    def fetch(self, server: str, extents: Sequence, deadline: float,
-              ) -> tuple[list[memoryview | None], int]:
-        """One READ of every found extent into staging; payloads whose generation word or
-        checksum differ from the extent's (freed, reused, corrupted) are None."""
+    def locate(self, server: str, keys: Sequence[bytes], deadline: float):  # noqa: ANN201
+        """The LocateReply for ``keys``: their extents under a lease (release it!)."""
+        return self._locate_async(server, keys, deadline).result()
+
+    def fetch(self, server: str, located, deadline: float,  # noqa: ANN001 - a LocateReply
+              slot: int = 0) -> tuple[list[memoryview | None], int]:
+        """One READ of every found extent into staging ``slot``; payloads whose generation
+        word differs from the located one (freed and reused) are None."""
         remote = self._remotes_name(server)
-        out: list[memoryview | None] = [None] * len(extents)
-        found = [(i, e) for i, e in enumerate(extents) if e.length > 0]
-        if not found:
+        lens_all = np.array(located.length, dtype=np.int64)
+        found = np.flatnonzero(lens_all > 0)
+        out: list[memoryview | None] = [None] * len(lens_all)
+        if not len(found):
             return out, 0
-        total = sum(e.length for _, e in found)
-        buf, addr = self._staging.get(total)
-        lens = np.fromiter((e.length for _, e in found), dtype=np.uint64, count=len(found))
-        offs = np.zeros(len(found), dtype=np.uint64)
-        np.cumsum(lens[:-1], out=offs[1:])
-        local = np.stack([offs + np.uint64(addr), lens], axis=1)
-        rem = np.stack([np.fromiter((e.address for _, e in found), dtype=np.uint64,
-                                    count=len(found)), lens], axis=1)
+        lens = lens_all[found].astype(np.uint64)
+        start, span_len, offs = _spans(np.array(located.address, dtype=np.uint64)[found], lens,
+                                       np.array(located.region, dtype=np.uint32)[found])
+        buf, addr = self._staging.get(int(span_len.sum()), slot)
+        local = np.stack([np.cumsum(span_len) - span_len + np.uint64(addr), span_len], axis=1)
         # Half the time left: a transfer that hangs leaves the other half to TCP or gRPC.
         try:
-            self.agent.transfer("READ", remote, local, rem,
+            self.agent.transfer("READ", remote, local, np.stack([start, span_len], axis=1),
                                 max(1e-3, (deadline - time.monotonic()) / 2))
         except NixlError:
-            self._staging.discard()  # a late-landing READ must never write into a reuse
+            self._staging.discard(slot)  # a late-landing READ must never write into a reuse
             raise
+        # Every extent's first word against the generation Locate saw, in one pass.
+        words = np.frombuffer(buf, dtype=np.uint8)[
+            offs.astype(np.int64)[:, None] + np.arange(GEN_BYTES)].copy().view("<u8")[:, 0]
+        good = words == np.array(located.generation, dtype=np.uint64)[found]
+        self.torn += int(len(good) - good.sum())
         view = memoryview(buf)
         read_bytes = 0
-        for (i, e), off in zip(found, offs.tolist()):
-            payload = view[off + GEN_BYTES:off + e.length]
-            if (int.from_bytes(view[off:off + GEN_BYTES], "little") != e.generation
-                    or xxhash.xxh3_64_intdigest(payload) != e.checksum):
-                self.torn += 1
-                continue
-            out[i] = payload
-            read_bytes += payload.nbytes
+        for i, off, n, ok in zip(found.tolist(), offs.tolist(), lens.tolist(), good.tolist()):
+            if ok:
+                out[i] = view[off + GEN_BYTES:off + n]
+                read_bytes += n - GEN_BYTES
         return out, read_bytes
 
-    def _release(self, lease_id: int, read_bytes: int) -> None:
+    def _release(self, lease_id: int, read_bytes: int, wait: bool = True) -> None:
+        """End a lease (and report the bytes read, for the tier's metrics); without
+        ``wait`` the reader does not wait for the answer (:meth:`drain` does)."""
         from kvtier.proto import tier_pb2 as pb
 
         if not lease_id:
             return
+        req = pb.ReleaseRequest(lease_id=lease_id, read_bytes=read_bytes)
         try:
-            self._stub.Release(pb.ReleaseRequest(lease_id=lease_id, read_bytes=read_bytes),
-                               timeout=self.timeout_s)
+            if wait:
+                self._stub.Release(req, timeout=self.timeout_s)
+                return
+            fut = self._stub.Release.future(req, timeout=self.timeout_s)
         except Exception as e:  # noqa: BLE001 - the lease expires by itself
             log.debug("release of lease %d failed: %s", lease_id, e)
+            return
+        with self._rel_lock:
+            self._releasing.add(fut)
+        fut.add_done_callback(self._released)
+
+    def _released(self, fut) -> None:  # noqa: ANN001 - a grpc.Future
+        with self._rel_lock:
+            self._releasing.discard(fut)
+        try:
+            fut.result(timeout=0)
+        except Exception as e:  # noqa: BLE001 - the lease expires by itself
+            log.debug("release failed: %s", e)
+
+    def drain(self, timeout_s: float = 2.0) -> None:
+        """Wait for Release calls still in flight (before the channel closes)."""
+        end = time.monotonic() + timeout_s
+        with self._rel_lock:
+            pending = list(self._releasing)
+        for fut in pending:
+            try:
+                fut.result(timeout=max(0.0, end - time.monotonic()))
+            except Exception as e:  # noqa: BLE001 - the lease expires by itself
+                log.debug("release failed: %s", e)
 
     def write(self, server: str, items: Sequence, deadline: float) -> int:
         """Store ``items`` (PutItem) by Reserve, one WRITE, Commit; returns how many stored."""
@@ -398,6 +515,11 @@ class NixlPath:
         self._lock = threading.Lock()
         self._last_warn = 0.0
         self.failures = 0  # transfers that failed (their reads were misses)
+
+    def close(self) -> None:
+        """Let in-flight lease releases reach the tier before the channel goes."""
+        if self._client is not None:
+            self._client.drain()
 
     def _ready(self) -> str | None:
         """The tier agent's name when both sides have NIXL, else None."""

@@ -6,7 +6,7 @@ frame on the bulk port), never a reason to touch the store.
 
 from __future__ import annotations
 
-from kvtier.keys import BlockKey, is_manifest_key
+from kvtier.keys import BlockKey, is_block_key, is_manifest_key
 
 MAX_KEYS = 1 << 20
 MAX_VALUE = 256 << 20
@@ -21,9 +21,10 @@ def check_keys(keys: list[bytes]) -> list[bytes]:
     if len(keys) > MAX_KEYS:
         raise BadRequest(f"too many keys in one call ({len(keys)} > {MAX_KEYS}); batch them")
     for k in keys:
-        if not is_manifest_key(k):
+        if not is_block_key(k) and not is_manifest_key(k):
             try:
-                BlockKey.decode(k)
+                BlockKey.decode(k)  # for its message
             except ValueError as e:
                 raise BadRequest(str(e)) from None
+            raise BadRequest(f"not a canonical kvtier block key: {k[:80]!r}")
     return keys

@@ -9,10 +9,12 @@ import threading
 import time
 import urllib.request
 
+import numpy as np
 import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvtier import payload
 from kvtier.backends import BackendError, open_backend
 from kvtier.backends.base import PutItem
 from kvtier.keys import BlockKey
@@ -76,10 +78,21 @@ def test_lease_keeps_an_entry_under_eviction_pressure(tier) -> None:
         assert b.contains_many([held.key]) == [False]
 
 
+def _poke(client, server: str, address: int, data: bytes) -> None:  # noqa: ANN001
+    """Overwrite tier memory with a NIXL WRITE (what a rogue peer or a bug could do)."""
+    buf, addr = client._staging.get(len(data))
+    buf[:len(data)] = data
+    client.agent.transfer("WRITE", client._remotes_name(server),
+                          np.array([[addr, len(data)]], dtype=np.uint64),
+                          np.array([[address, len(data)]], dtype=np.uint64), 10)
+
+
 def test_stale_and_corrupted_extents_are_misses(tier) -> None:
-    a, c = _items(2)
+    a, c, d = _items(3)
+    key = BlockKey.decode(c.key)
+    c = PutItem(c.key, payload.encode(key, b"L" * 8, os.urandom(BLOCK)))
     with open_backend(tier.url, timeout_s=10) as b:
-        b.put_many([a, c])
+        b.put_many([a, c, d])
         b.get_many([a.key])  # connects the NIXL route
         path = b._nixl
         client, server = path._client, path._server
@@ -89,22 +102,69 @@ def test_stale_and_corrupted_extents_are_misses(tier) -> None:
         client._release(r.lease_id, 0)
         b.delete_many([a.key])
         b.put_many(_items(4))
-        out, nbytes = client.fetch(server, r.extents, deadline)
-        assert out == [None] and nbytes == 0
-        # Corrupted: flip payload bytes in the server's arena with a NIXL WRITE.
-        r = client.locate(server, [c.key], deadline)
-        e = r.extents[0]
-        buf, addr = client._staging.get(16)
-        buf[:16] = b"\xff" * 16
-        import numpy as np
-
-        client.agent.transfer("WRITE", client._remotes_name(server),
-                              np.array([[addr, 16]], dtype=np.uint64),
-                              np.array([[e.address + 100, 16]], dtype=np.uint64), 10)
-        client._release(r.lease_id, 0)
         torn = client.torn
-        assert b.get_many([c.key]) == [None]  # a miss, not an error
-        assert client.torn == torn + 1
+        out, nbytes = client.fetch(server, r, deadline)
+        assert out == [None] and nbytes == 0 and client.torn == torn + 1
+        # A changed generation word (an extent the server reused under a lost lease).
+        r = client.locate(server, [d.key], deadline)
+        _poke(client, server, r.address[0], b"\xff" * 8)
+        client._release(r.lease_id, 0)
+        assert b.get_many([d.key]) == [None]  # a miss, not an error
+        assert client.torn == torn + 2
+        # Corrupted payload bytes: NIXL hands them over, and the payload's own checksum
+        # (what every consumer checks, whatever the transport) refuses them.
+        assert payload.decode(b.get_many([c.key])[0], key) is not None
+        r = client.locate(server, [c.key], deadline)
+        _poke(client, server, r.address[0] + 100, b"\xff" * 16)
+        client._release(r.lease_id, 0)
+        got = b.get_many([c.key])[0]
+        assert got is not None and len(got) == len(c.value)
+        with pytest.raises(payload.PayloadError, match="checksum"):
+            payload.decode(got, key)
+
+
+def _leases(url: str) -> int:
+    with open_backend(url, timeout_s=10, transport="grpc") as b:
+        return b.stats().extra["leases"]
+
+
+def test_pipelined_read_keeps_order_and_ends_every_lease(tier) -> None:
+    """A read of many keys is cut into parts (Locate of the next part while this part is
+    READ): values come back in request order with misses in place, scattered payloads
+    and ones a batch wrote back to back alike, and no lease outlives the read, also when
+    a READ in the middle fails (its caller then reads over TCP)."""
+    items = _items(120)
+    with open_backend(tier.url, timeout_s=10) as b:
+        for i in range(0, 120, 40):  # batches: back to back inside, apart across
+            b.put_many(items[i:i + 40])
+        keys = [it.key for it in items]
+        keys[7:7] = [_items(1)[0].key]  # a miss in the first part
+        keys.append(_items(1)[0].key)  # and in the last
+        assert len(nixl._parts(len(keys))) > 1
+        written = b.bytes_by_transport["nixl"]
+        got = b.get_many(keys)
+        want = [it.value for it in items]
+        want[7:7] = [None]
+        want.append(None)
+        assert [None if g is None else bytes(g) for g in got] == want
+        assert b.bytes_by_transport == {"nixl": written + 120 * BLOCK}
+        client = b._nixl._client
+        real, calls = client.agent.transfer, []
+
+        def second_fails(*a, **kw) -> None:  # noqa: ANN002, ANN003
+            calls.append(1)
+            if len(calls) == 2:
+                raise nixl.NixlError("injected: the second part's READ failed")
+            real(*a, **kw)
+
+        client.agent.transfer = second_fails
+        got = b.get_many(keys)
+        assert [None if g is None else bytes(g) for g in got] == want
+        assert b.bytes_by_transport["tcp"] == 120 * BLOCK  # the failed read went over TCP
+    deadline = time.monotonic() + 10
+    while _leases(tier.url) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _leases(tier.url) == 0
 
 
 def test_two_readers_of_the_same_blocks_at_once(tier) -> None:
