@@ -12,6 +12,7 @@ miss (recompute), never into wrong bytes in the KV cache.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import xxhash
@@ -107,6 +108,18 @@ def read_header(buf: bytes | memoryview) -> PayloadHeader:
     return PayloadHeader(version, key, layout, length, checksum, flags)
 
 
+def _checked_header(head: memoryview, expected_key: BlockKey | None,
+                    expected_layout: bytes | None, nbytes: int) -> PayloadHeader:
+    header = read_header(head)
+    if expected_key is not None and header.key != expected_key:
+        raise PayloadError("payload was stored under a different key")
+    if expected_layout is not None and header.layout != expected_layout:
+        raise PayloadError("payload layout does not match this engine's KV-cache layout")
+    if nbytes != header.length:
+        raise PayloadError(f"length mismatch: header says {header.length}, got {nbytes}")
+    return header
+
+
 def decode(
     buf: bytes | memoryview,
     expected_key: BlockKey | None = None,
@@ -114,17 +127,28 @@ def decode(
 ) -> memoryview:
     """Validate ``buf`` and return a view of its data; raise PayloadError if unusable."""
     mv = memoryview(buf).cast("B")
-    header = read_header(mv)
-    if expected_key is not None and header.key != expected_key:
-        raise PayloadError("payload was stored under a different key")
-    if expected_layout is not None and header.layout != expected_layout:
-        raise PayloadError("payload layout does not match this engine's KV-cache layout")
     data = mv[HEADER_SIZE:]
-    if data.nbytes != header.length:
-        raise PayloadError(f"length mismatch: header says {header.length}, got {data.nbytes}")
+    header = _checked_header(mv, expected_key, expected_layout, data.nbytes)
     if _checksum(mv[:HEADER_SIZE], data) != header.checksum:
         raise PayloadError("checksum mismatch: payload is corrupt")
     return data
+
+
+def check_split(
+    head: bytes | memoryview,
+    parts: Sequence[memoryview],
+    expected_key: BlockKey | None = None,
+    expected_layout: bytes | None = None,
+) -> None:
+    """Validate a payload whose header is ``head`` and whose data was placed in ``parts``
+    (in order: a read straight into paged slots); raise PayloadError if unusable."""
+    mv = memoryview(head).cast("B")
+    header = _checked_header(mv, expected_key, expected_layout, sum(p.nbytes for p in parts))
+    h = xxhash.xxh3_64(seed=xxhash.xxh3_64_intdigest(mv[:_SEEDED]))
+    for p in parts:
+        h.update(p)
+    if h.intdigest() != header.checksum:
+        raise PayloadError("checksum mismatch: payload is corrupt")
 
 
 def _sound(key: BlockKey, buf: bytes | memoryview) -> PayloadHeader | None:

@@ -79,6 +79,16 @@ class Backend(ABC):
     @abstractmethod
     def stats(self) -> BackendStats: ...
 
+    def read_into(self, keys: Sequence[bytes], head_bytes: int,
+                  places: Sequence[Sequence[tuple[int, int]]],
+                  regions: Sequence[tuple[int, int]]) -> list[memoryview | None] | None:
+        """Read each payload's first ``head_bytes`` (returned) and place the rest straight
+        into ``places[i]``, (address, length) runs inside ``regions`` of this process's
+        memory, in order: no staging copy. None where missing or not the size the places
+        add up to. Returns None when this medium cannot (then read with :meth:`get_many`).
+        Nothing placed is validated: the caller checks each payload (header + checksum)."""
+        return None
+
     def lookup(self, query: LookupQuery, with_details: bool = False) -> LookupResult:
         return deepest_restorable(query, self.contains_many, with_details)
 

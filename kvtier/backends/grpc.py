@@ -282,6 +282,23 @@ class GrpcBackend(Backend):
             out.extend(part)
         return self._count("grpc", out)
 
+    def read_into(self, keys: Sequence[bytes], head_bytes: int,
+                  places: Sequence[Sequence[tuple[int, int]]],
+                  regions: Sequence[tuple[int, int]]) -> list[memoryview | None] | None:
+        """Over NIXL only (one-sided READs land anywhere registered); None otherwise."""
+        if self._nixl is None or not keys:
+            return None
+        try:
+            got = self._nixl.get_into(keys, head_bytes, places, regions,
+                                      time.monotonic() + self.timeout_s)
+        except grpc.RpcError as e:
+            raise self._err("locate", e) from None
+        if got is None:
+            return None
+        self.bytes_by_transport["nixl"] += sum(
+            len(h) + sum(n for _, n in p) for h, p in zip(got, places) if h is not None)
+        return got
+
     def _count(self, transport: str, values: list) -> list:
         self.bytes_by_transport[transport] += sum(len(v) for v in values if v is not None)
         return values

@@ -350,24 +350,50 @@ class NixlClient:
         self._staging = Staging(self.agent)
         self.torn = 0  # payloads read but refused (their extent's generation changed)
         self._releasing: set = set()  # Release calls in flight (a dropped future cancels)
+        self._registered: set[tuple[int, int]] = set()  # local memory read_into may fill
         self._rel_lock = threading.Lock()
 
     def connect(self, name: str, metadata: bytes) -> str:
         return self.agent.add_remote(name, metadata)
 
     def read(self, server: str, keys: Sequence[bytes], deadline: float) -> list[memoryview | None]:
-        """Payloads of ``keys`` (None: missing or changed), pipelined: while one part is
-        READ, the next part's Locate is in flight, so only the first Locate is waited on."""
+        """Payloads of ``keys`` (None: missing or changed)."""
+        return self._pipelined(server, keys, deadline,
+                               lambda located, slot, part: self.fetch(server, located,
+                                                                      deadline, slot))
+
+    def read_into(self, server: str, keys: Sequence[bytes], head_bytes: int,
+                  places: Sequence[Sequence[tuple[int, int]]], deadline: float,
+                  ) -> list[memoryview | None]:
+        """Each payload's first ``head_bytes`` (returned, from staging) and the rest straight
+        into ``places[i]``: (address, length) runs of registered local memory, filled in
+        order. None where missing, changed, or not the size the places add up to: those
+        places may hold anything, and so may all of them until the caller validated."""
+        return self._pipelined(server, keys, deadline,
+                               lambda located, slot, part: self._fetch_into(
+                                   server, located, head_bytes, places[part], deadline, slot))
+
+    def register_local(self, regions: Sequence[tuple[int, int]]) -> None:
+        """Register local memory that :meth:`read_into` may place bytes in (once each)."""
+        new = [r for r in dict.fromkeys(regions) if r not in self._registered]
+        if new:
+            self.agent.register(new)
+            self._registered.update(new)
+
+    def _pipelined(self, server: str, keys: Sequence[bytes], deadline: float,
+                   fetch_part: Callable) -> list[memoryview | None]:
+        """Reads in parts: while one part is READ, the next part's Locate is in flight, so
+        only the first Locate is waited on."""
         parts = _parts(len(keys))
         out: list[memoryview | None] = []
         pending = self._locate_async(server, keys[parts[0]], deadline)
-        for n in range(len(parts)):
+        for n, part in enumerate(parts):
             located = pending.result()
             pending = (self._locate_async(server, keys[parts[n + 1]], deadline)
                        if n + 1 < len(parts) else None)
             read_bytes = 0
             try:
-                got, read_bytes = self.fetch(server, located, deadline, slot=n)
+                got, read_bytes = fetch_part(located, n, part)
             except BaseException:
                 if pending is not None:
                     pending.abandon()
@@ -422,6 +448,44 @@ class NixlClient:
             if ok:
                 out[i] = view[off + GEN_BYTES:off + n]
                 read_bytes += n - GEN_BYTES
+        return out, read_bytes
+
+    def _fetch_into(self, server: str, located, head_bytes: int,  # noqa: ANN001
+                    places: Sequence[Sequence[tuple[int, int]]], deadline: float, slot: int,
+                    ) -> tuple[list[memoryview | None], int]:
+        remote = self._remotes_name(server)
+        head = GEN_BYTES + head_bytes
+        out: list[memoryview | None] = [None] * len(places)
+        want = [(i, a, n) for i, (a, n) in enumerate(zip(located.address, located.length))
+                if n > 0 and n == head + sum(ln for _, ln in places[i])]
+        if not want:
+            return out, 0
+        buf, addr = self._staging.get(head * len(want), slot)
+        local, rem = [], []
+        for j, (i, a, _) in enumerate(want):
+            local.append((addr + j * head, head))
+            rem.append((a, head))
+            pos = a + head
+            for dst, ln in places[i]:
+                local.append((dst, ln))
+                rem.append((pos, ln))
+                pos += ln
+        try:
+            self.agent.transfer("READ", remote, np.array(local, dtype=np.uint64),
+                                np.array(rem, dtype=np.uint64),
+                                max(1e-3, (deadline - time.monotonic()) / 2))
+        except NixlError:
+            self._staging.discard(slot)
+            raise
+        view = memoryview(buf)
+        read_bytes = 0
+        for j, (i, _, n) in enumerate(want):
+            off = j * head
+            if int.from_bytes(view[off:off + GEN_BYTES], "little") != located.generation[i]:
+                self.torn += 1
+                continue
+            out[i] = view[off + GEN_BYTES:off + head]
+            read_bytes += n - GEN_BYTES
         return out, read_bytes
 
     def _release(self, lease_id: int, read_bytes: int, wait: bool = True) -> None:
@@ -562,6 +626,21 @@ class NixlPath:
             self._failed("read", e)
             return None if deadline - time.monotonic() > 0.1 * self.timeout_s else [None] * len(
                 keys)
+
+    def get_into(self, keys: Sequence[bytes], head_bytes: int,
+                 places: Sequence[Sequence[tuple[int, int]]],
+                 regions: Sequence[tuple[int, int]], deadline: float,
+                 ) -> list[memoryview | None] | None:
+        """:meth:`NixlClient.read_into`, or None as :meth:`get` (read another way)."""
+        server = self._ready()
+        if server is None or self._client is None:
+            return None
+        try:
+            self._client.register_local(regions)
+            return self._client.read_into(server, keys, head_bytes, places, deadline)
+        except NixlError as e:
+            self._failed("read", e)
+            return None
 
     def put(self, items: Sequence, deadline: float) -> int | None:
         """How many were stored over NIXL; None if not usable or failed (write another way)."""

@@ -167,6 +167,53 @@ def test_pipelined_read_keeps_order_and_ends_every_lease(tier) -> None:
     assert _leases(tier.url) == 0
 
 
+def test_read_into_places_each_payload_straight_into_its_slots(tier) -> None:
+    """Heads come back from staging, the data lands in the given runs of registered local
+    memory (two planes of a paged cache, random slots), and passes the payload checksum
+    where it landed; a stale extent or a payload of another size is None."""
+    half = 8 << 10
+    planes = [np.zeros((64, half), dtype=np.uint8) for _ in range(2)]
+    regions = [(p.ctypes.data, p.nbytes) for p in planes]
+    ns, layout = os.urandom(16), b"L" * 8
+    keys, items, datas = [], [], []
+    for _ in range(80):
+        k = BlockKey(ns, 0, 1, os.urandom(32))
+        datas.append(os.urandom(2 * half))
+        keys.append(k)
+        items.append(PutItem(k.encode(), payload.encode(k, layout, datas[-1])))
+    slots = np.random.default_rng(0).permutation(64)[:40].tolist() * 2  # two reads of 40
+    places = [[(planes[0][s].ctypes.data, half), (planes[1][s].ctypes.data, half)]
+              for s in slots]
+    with open_backend(tier.url, timeout_s=10) as b:
+        b.put_many(items)
+        b.get_many([items[0].key])  # connects the NIXL route
+        first, second = slice(0, 40), slice(40, 80)
+        heads = b.read_into([it.key for it in items[first]], payload.HEADER_SIZE,
+                            places[first], regions)
+        assert heads is not None and all(h is not None for h in heads)
+        for i, h in enumerate(heads):
+            s_ = slots[i]
+            payload.check_split(h, [memoryview(planes[0][s_]), memoryview(planes[1][s_])],
+                                keys[i], layout)
+            assert planes[0][s_].tobytes() + planes[1][s_].tobytes() == datas[i]
+        # A stale extent (deleted, space reused) and a wrong-sized place: None, and only
+        # those two; the others still land and check.
+        client, server = b._nixl._client, b._nixl._server
+        keys2 = [it.key for it in items[second]]
+        r = client.locate(server, keys2, time.monotonic() + 10)
+        client._release(r.lease_id, 0)
+        b.delete_many([keys2[3]])
+        b.put_many(_items(2, 2 * half + payload.HEADER_SIZE))
+        odd = list(places[second])
+        odd[5] = [(planes[0][slots[45]].ctypes.data, half)]  # half the payload's size
+        heads = client._fetch_into(server, r, payload.HEADER_SIZE, odd,
+                                   time.monotonic() + 10, 0)[0]
+        assert [i for i, h in enumerate(heads) if h is None] == [3, 5]
+        s_ = slots[40]
+        payload.check_split(heads[0], [memoryview(planes[0][s_]), memoryview(planes[1][s_])],
+                            keys[40], layout)
+
+
 def test_two_readers_of_the_same_blocks_at_once(tier) -> None:
     items = _items(64)
     with open_backend(tier.url, timeout_s=10) as w:
