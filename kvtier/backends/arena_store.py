@@ -5,7 +5,7 @@ A reader first *locates* keys: it gets each payload's extent (region, offset,
 length, generation, checksum) under a *lease*. While leased, an entry is not
 evicted, and a delete or replacement of it leaves the leased bytes in place
 (the new value is written elsewhere) until the lease is released or expires.
-A writer *reserves* extents, writes them, then *commits* them as entries;
+A writer *reserves* extents, writes them, then *commits* them: the entries adopt them;
 uncommitted reservations expire. Same leaf-only eviction as the plain store.
 """
 
@@ -61,9 +61,13 @@ class ArenaMemoryBackend(MemoryBackend):
     def _read(self, e: _Entry) -> bytes:
         return bytes(e.value)  # the extent may be reused once the lock is let go
 
-    def _place(self, value: bytes, grow: int, keep: bytes | None = None):  # noqa: ANN201
+    def _place(self, value: bytes, grow: int, keep: bytes | None = None,  # noqa: ANN201
+               at: object = None):
         if grow > 0 and not self._make_room(grow, keep):
             return None
+        if at is not None:  # a committed extent: its bytes become the entry's, no copy
+            at.refs += 1  # type: ignore[attr-defined]
+            return value, at
         ext = self._alloc(len(value), keep)
         if ext is None:
             return None
@@ -185,26 +189,34 @@ class ArenaMemoryBackend(MemoryBackend):
                items: Sequence[tuple[int, bytes, bytes | None, int]]) -> tuple[int, int]:
         """Store written extents ``(index, key, parent, checksum)`` of a reservation as
         entries, parents first; a payload whose checksum differs from the given one is refused.
-        Returns how many were stored and their bytes; the rest of the reservation is freed."""
+        Returns how many were stored and the bytes that arrived sound; the rest of the
+        reservation is freed.
+
+        The entries adopt the written extents (no copy of what NIXL wrote) through the
+        ordinary put step, so verdicts, parent links, room and policy are the same as
+        :meth:`put_many`'s; ``capacity_bytes`` bounds them as any put, and an extent
+        that is not adopted (refused, kept, no room) goes back with the reservation."""
+        stored = nbytes = 0
         with self._lock:
             got = self._reserved.pop(reservation, None)
             if got is None:
                 return 0, 0
             exts = got[1]
-            values: list[PutItem] = []
+            seen: set[int] = set()
             for i, key, parent, digest in items:
-                ext = exts[i] if 0 <= i < len(exts) else None
+                ext = exts[i] if 0 <= i < len(exts) and i not in seen else None
                 view = self.arena.payload(ext) if ext is not None else b""
                 if ext is None or checksum(view) != digest:
                     self._rejected += 1
                     continue
-                values.append(PutItem(key, bytes(view), parent))
-            for ext in exts:
+                seen.add(i)  # one extent, one entry
+                ext.checksum = digest
+                nbytes += len(view)
+                stored += self._put(PutItem(key, view, parent), at=ext)  # type: ignore[arg-type]
+            for ext in exts:  # the reservation's hold; adopted ones stay with their entry
                 if ext is not None:
                     self._unref(ext)
-        # Stored through the ordinary path (verdicts, parents, eviction) by copy: the
-        # extents are freed first, so the copies may land in the very same space.
-        return self.put_many(values), sum(len(it.value) for it in values)
+        return stored, nbytes
 
     def outstanding(self) -> bool:
         """Leases or reservations exist: one-sided transfers may be under way."""

@@ -76,47 +76,50 @@ class MemoryBackend(Backend):
 
     # -- writes ------------------------------------------------------------
     def put_many(self, items: Sequence[PutItem]) -> int:
-        stored = 0
         with self._lock:
-            for it in items:
-                size = len(it.value)
-                if size > self.capacity_bytes:
-                    self._rejected += 1
-                    continue
-                old = self._entries.get(it.key)
-                if old is not None:
-                    verdict = put_verdict(it.key, old.value, it.value)
-                    if verdict == REPLACE:
-                        stored += self._replace(it, old)
-                    elif verdict == REFUSE:
-                        self._rejected += 1
-                    else:  # same key, same meaning: keep it, just refresh it
-                        self._policy.touched(it.key)
-                        stored += 1
-                    continue
-                # Link to the parent first so making room can never evict it.
-                parent = it.parent if it.parent in self._entries else None
-                parent_serial = -1
-                if parent is not None:
-                    p = self._entries[parent]
-                    p.children += 1
-                    parent_serial = p.serial
-                placed = self._place(it.value, size)
-                if placed is None:
-                    if parent is not None:
-                        self._unlink(parent, parent_serial)
-                    self._rejected += 1
-                    continue
-                self._entries[it.key] = _Entry(placed[0], parent, serial=next(self._serials),
-                                               parent_serial=parent_serial, ext=placed[1])
-                self._used += size
-                self._policy.added(it.key, EntryMeta(size, it.parent))
-                self._policy.touched(it.key)
-                self._puts += 1
-                stored += 1
-        return stored
+            return sum(self._put(it) for it in items)
 
-    def _replace(self, it: PutItem, e: _Entry) -> int:
+    def _put(self, it: PutItem, at: object = None) -> int:
+        """Store one item (lock held): 1 if the store holds it now, else 0. Every rule of
+        a put lives here (size, verdict, parent link, room, policy, counters); ``at`` is
+        where an arena store's value already lies, adopted instead of copied (see
+        :meth:`_place`)."""
+        size = len(it.value)
+        if size > self.capacity_bytes:
+            self._rejected += 1
+            return 0
+        old = self._entries.get(it.key)
+        if old is not None:
+            verdict = put_verdict(it.key, old.value, it.value)
+            if verdict == REPLACE:
+                return self._replace(it, old, at)
+            if verdict == REFUSE:
+                self._rejected += 1
+                return 0
+            self._policy.touched(it.key)  # same key, same meaning: keep it, just refresh it
+            return 1
+        # Link to the parent first so making room can never evict it.
+        parent = it.parent if it.parent in self._entries else None
+        parent_serial = -1
+        if parent is not None:
+            p = self._entries[parent]
+            p.children += 1
+            parent_serial = p.serial
+        placed = self._place(it.value, size, at=at)
+        if placed is None:
+            if parent is not None:
+                self._unlink(parent, parent_serial)
+            self._rejected += 1
+            return 0
+        self._entries[it.key] = _Entry(placed[0], parent, serial=next(self._serials),
+                                       parent_serial=parent_serial, ext=placed[1])
+        self._used += size
+        self._policy.added(it.key, EntryMeta(size, it.parent))
+        self._policy.touched(it.key)
+        self._puts += 1
+        return 1
+
+    def _replace(self, it: PutItem, e: _Entry, at: object = None) -> int:
         """Put new bytes into an existing entry (lock held); 1 if done, 0 if no room.
 
         The entry keeps its identity (serial), children and pin, so links to it
@@ -130,7 +133,7 @@ class MemoryBackend(Backend):
             p.children += 1
             parent_serial = p.serial
         grow = len(it.value) - len(e.value)
-        placed = self._place(it.value, grow, keep=it.key)
+        placed = self._place(it.value, grow, keep=it.key, at=at)
         if placed is None:
             if parent is not None:
                 self._unlink(parent, parent_serial)
@@ -201,9 +204,10 @@ class MemoryBackend(Backend):
     def _read(self, e: _Entry) -> bytes:
         return e.value
 
-    def _place(self, value: bytes, grow: int,
-               keep: bytes | None = None) -> tuple[bytes, object] | None:
-        """Room for ``grow`` more bytes, then (stored value, extent); None if full."""
+    def _place(self, value: bytes, grow: int, keep: bytes | None = None,
+               at: object = None) -> tuple[bytes, object] | None:
+        """Room for ``grow`` more bytes, then (stored value, extent); None if full.
+        ``at`` (arena store only) is an extent already holding ``value``."""
         return (value, None) if grow <= 0 or self._make_room(grow, keep) else None
 
     def _drop_value(self, e: _Entry) -> None:
