@@ -163,10 +163,11 @@ class WorkerSide:
             self.tier.delete_many(corrupt)
             return False
         for gid, items in by_group.items():
-            rows = torch.frombuffer(bytearray().join(d for _, d in items), dtype=torch.uint8)
-            self._kernels[gid].scatter(self.views[gid], [bid for bid, _ in items],
-                                       rows.view(len(items), -1))
-            self.stats.moved("loaded", len(items), rows.numel())
+            # The decoded payloads as they are: the CPU path copies each straight into its
+            # block (no joined copy of the restore); Triton joins them into one tensor.
+            rows = [d for _, d in items]
+            self._kernels[gid].scatter(self.views[gid], [bid for bid, _ in items], rows)
+            self.stats.moved("loaded", len(items), sum(d.nbytes for d in rows))
         if self._device_sync is not None:
             self._device_sync()
         return True

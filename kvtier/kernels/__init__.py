@@ -87,5 +87,7 @@ def select(views: Sequence[BlockView], device: torch.device | str | None = None,
         log.info("kvtier: %s copies with Triton", label)
     else:
         path = CopyPath(torch_copy, label)
-        log.info("kvtier: %s copies with torch (%s)", label, why)
+        runs = sum(torch_copy.byte_run(v) is not None for v in views)
+        log.info("kvtier: %s copies with torch (%s; %d of %d views as byte runs)",
+                 label, why, runs, len(views))
     return path
