@@ -18,7 +18,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from bisect import bisect_left
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +39,17 @@ def threads_for(nbytes: int) -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cap = min(MAX_THREADS, torch.get_num_threads(), cpus or 1)
     return max(1, min(cap, nbytes // MIN_BYTES_PER_THREAD))
+
+
+def _forget_pool() -> None:
+    """In a forked child the pool's threads are gone while it still counts them idle: work
+    handed to it would never run. The child makes its own."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _executor() -> ThreadPoolExecutor:
@@ -64,7 +75,7 @@ def copy_runs(dst: Sequence[int], src: Sequence[int], sizes: Sequence[int],
     if k == 1 or len(ends) < 2:
         _run(dst, src, sizes)
         return
-    cuts = [0, *(bisect_left(ends, total * c // k) for c in range(1, k)), len(ends)]
+    cuts = [0, *(bisect_right(ends, total * c // k) for c in range(1, k)), len(ends)]
     chunks = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
     pool = _executor()
     futures = [pool.submit(_run, dst[a:b], src[a:b], sizes[a:b]) for a, b in chunks[1:]]

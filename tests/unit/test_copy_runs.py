@@ -199,3 +199,46 @@ def test_big_gather_and_scatter_on_threads_round_trip(runs_spy: list[int],
     ids = list(range(39, -1, -3))
     scatter(dst, ids[::-1], gather(src, ids))
     assert torch.equal(gather(dst, ids[::-1]), expected_rows(src, ids))
+
+
+def _copy_on_two_threads() -> bool:
+    """Two equal runs on two threads: the caller's and the pool's."""
+    a = np.arange(8 << 20, dtype=np.uint8)
+    b = np.zeros_like(a)
+    half = a.nbytes // 2
+    ran_on: list[int] = []
+    real = byte_runs._run
+
+    def spy(*args) -> None:  # noqa: ANN002
+        ran_on.append(threading.get_ident())
+        real(*args)
+
+    byte_runs._run = spy
+    try:
+        byte_runs.copy_runs([b.ctypes.data, b.ctypes.data + half], [a.ctypes.data,
+                            a.ctypes.data + half], [half, half], threads=2)
+    finally:
+        byte_runs._run = real
+    return bool(np.array_equal(a, b)) and len(set(ran_on)) == 2
+
+
+def _child(conn) -> None:  # noqa: ANN001 - a forked child's work
+    conn.send(_copy_on_two_threads())
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_child_copies_on_its_own_threads():
+    import multiprocessing as mp
+
+    assert _copy_on_two_threads()  # the parent's pool exists (and idles) at the fork
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_child, args=(child,))
+    p.start()
+    try:
+        assert parent.poll(60), "the child's copy never finished (a pool inherited dead)"
+        assert parent.recv() is True
+    finally:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
