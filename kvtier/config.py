@@ -119,6 +119,10 @@ class ConnectorConfig(_Strict):
         "auto", description="how a grpc:// tier's reads move: auto = NIXL when both sides have "
         "it, else the bulk TCP port, else gRPC streaming; nixl/tcp = prefer that one (falls back "
         "down the same order when the tier lacks it); grpc = gRPC streaming only")
+    direct_reads: bool = Field(
+        True, description="over NIXL, read payload data straight into the KV-cache blocks "
+        "(checked where it lands) instead of through a staging buffer; CPU KV caches whose "
+        "blocks are contiguous byte runs")
     save: bool = True
     load: bool = True
     save_queue_blocks: int = Field(4096, ge=1, description="blocks waiting for upload before drops")

@@ -13,6 +13,7 @@ thread; a full queue or an unreachable tier drops saves, never stalls decode.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import queue
 import threading
@@ -30,12 +31,18 @@ from kvtier.backends.base import PutItem
 from kvtier.backends.guard import GuardedBackend
 from kvtier.config import ConnectorConfig
 from kvtier.kernels import CopyPath, select
-from kvtier.kernels.torch_copy import BlockView
+from kvtier.kernels.torch_copy import BlockView, byte_run
 from kvtier.keys import BlockKey
 from kvtier.lookup import GroupKind
 
 log = logging.getLogger("kvtier.connector")
 _STOP = object()
+
+
+def _memory(address: int, nbytes: int) -> memoryview:
+    """A view of ``nbytes`` of this process's memory at ``address`` (a KV-cache block the
+    worker holds alive)."""
+    return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
 
 
 def _block_view(t: torch.Tensor, num_blocks: int) -> BlockView:
@@ -73,6 +80,11 @@ class WorkerSide:
         self._unsent = 0  # blocks queued or uploading: what a shutdown would drop
         self._unsent_lock = threading.Lock()
         self._kernels: dict[int, CopyPath] = {}  # per group: Triton or torch
+        # Per group, each view's (address of block 0, bytes to the next block, block bytes)
+        # when every view's blocks are plain CPU byte runs: loads then land straight in
+        # the blocks (Backend.read_into) where the tier can place bytes (NIXL).
+        self._places: dict[int, list[tuple[int, int, int]]] = {}
+        self._regions: list[tuple[int, int]] = []
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         for g in self.layout.groups:
@@ -85,6 +97,13 @@ class WorkerSide:
             desc = f"g{g.group_id}|" + "|".join(v.describe() for v in views)
             self.digests[g.group_id] = payload.layout_digest(desc)
             self._kernels[g.group_id] = select(views, label=f"KV-cache group {g.group_id}")
+            runs = [byte_run(v) for v in views]
+            if self.cfg.direct_reads and all(r is not None for r in runs):
+                self._places[g.group_id] = [(a, step, v.block_nbytes)
+                                            for (a, step), v in zip(runs, views)]  # type: ignore[misc]
+                self._regions.extend(dict.fromkeys(
+                    (v.tensor.untyped_storage().data_ptr(), v.tensor.untyped_storage().nbytes())
+                    for v in views))
         first = next(iter(kv_caches.values()))
         device = (first[0] if isinstance(first, (list, tuple)) else first).device
         if device.type == "cuda":  # loads scatter from the loader thread: wait for them
@@ -131,6 +150,10 @@ class WorkerSide:
             return False
         keys = [self._key(b.group_id, b.block_hash).encode() for b in job.blocks]
         unique = list(dict.fromkeys(keys))
+        if len(unique) == len(keys) and all(b.group_id in self._places for b in job.blocks):
+            done = self._load_direct(job, keys)
+            if done is not None:
+                return done
         got = self.tier.get_many(unique)
         if got is None:  # an outage, not a miss: nothing is known about the blocks
             self.stats.error("tier_unavailable")
@@ -142,10 +165,7 @@ class WorkerSide:
         for b, k in zip(job.blocks, keys):
             raw = fetched[k]
             if raw is None:
-                self.stats.error("load_missing")
-                log.warning("kvtier: block of %s vanished before its load; recomputing",
-                            job.req_id)
-                return False
+                return self._vanished(job)
             try:
                 data = payload.decode(raw, self._key(b.group_id, b.block_hash),
                                       self.digests[b.group_id])
@@ -153,15 +173,11 @@ class WorkerSide:
                 if data.nbytes != expect:
                     raise payload.PayloadError(f"{data.nbytes} bytes, expected {expect}")
             except payload.PayloadError as e:
-                self.stats.error("load_invalid")
-                log.warning("kvtier: invalid block for %s (%s); recomputing", job.req_id, e)
-                corrupt.append(k)
+                self._invalid(job, k, e, corrupt)
                 continue
             by_group[b.group_id].append((b.block_id, data))
         if corrupt:
-            # Useless to everyone: drop it so a healthy copy can be stored again.
-            self.tier.delete_many(corrupt)
-            return False
+            return self._drop(corrupt)
         for gid, items in by_group.items():
             # The decoded payloads as they are: the CPU path copies each straight into its
             # block (no joined copy of the restore); Triton joins them into one tensor.
@@ -171,6 +187,46 @@ class WorkerSide:
         if self._device_sync is not None:
             self._device_sync()
         return True
+
+    def _load_direct(self, job: LoadJob, keys: list[bytes]) -> bool | None:
+        """Each payload's data straight into its blocks, checked where it landed; None when
+        the tier cannot place bytes here now (read through staging instead). Blocks of a
+        failed load hold anything: the request recomputes them, as after any failed load."""
+        places = [[(a + b.block_id * step, n) for a, step, n in self._places[b.group_id]]
+                  for b in job.blocks]
+        heads = self.tier.read_into(keys, payload.HEADER_SIZE, places, self._regions)
+        if heads is None:
+            return None
+        corrupt: list[bytes] = []
+        for b, k, head, runs in zip(job.blocks, keys, heads, places):
+            if head is None:
+                return self._vanished(job)
+            try:
+                payload.check_split(head, [_memory(a, n) for a, n in runs],
+                                    self._key(b.group_id, b.block_hash), self.digests[b.group_id])
+            except payload.PayloadError as e:
+                self._invalid(job, k, e, corrupt)
+        if corrupt:
+            return self._drop(corrupt)
+        nbytes = sum(n for runs in places for _, n in runs)
+        self.stats.moved("loaded", len(keys), nbytes)
+        self.stats.add("blocks_loaded_direct", len(keys))
+        return True
+
+    def _vanished(self, job: LoadJob) -> bool:
+        self.stats.error("load_missing")
+        log.warning("kvtier: block of %s vanished before its load; recomputing", job.req_id)
+        return False
+
+    def _invalid(self, job: LoadJob, key: bytes, e: Exception, corrupt: list[bytes]) -> None:
+        self.stats.error("load_invalid")
+        log.warning("kvtier: invalid block for %s (%s); recomputing", job.req_id, e)
+        corrupt.append(key)
+
+    def _drop(self, corrupt: list[bytes]) -> bool:
+        """Useless to everyone: drop them so healthy copies can be stored again."""
+        self.tier.delete_many(corrupt)
+        return False
 
     def take_transfer_results(self) -> tuple[set[str], set[str]]:
         """(finished, failed) loads since the last call; failed ones are in both."""

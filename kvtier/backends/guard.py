@@ -101,6 +101,13 @@ class GuardedBackend:
         """Payloads (None where missing), or None as a whole when the tier is unavailable."""
         return self._call("get", lambda b: b.get_many(keys))
 
+    def read_into(self, keys: Sequence[bytes], head_bytes: int,
+                  places: Sequence[Sequence[tuple[int, int]]],
+                  regions: Sequence[tuple[int, int]]) -> list[memoryview | None] | None:
+        """:meth:`Backend.read_into`; None when the medium cannot or the tier is unavailable
+        (then :meth:`get_many` says which)."""
+        return self._call("get", lambda b: b.read_into(keys, head_bytes, places, regions))
+
     def put_many(self, items: Sequence[PutItem]) -> int | None:
         """How many were stored, or None when the tier is unavailable."""
         return self._call("put", lambda b: b.put_many(items))

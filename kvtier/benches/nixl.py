@@ -20,6 +20,7 @@ import numpy as np
 import psutil
 import torch
 
+from kvtier import payload
 from kvtier.backends import open_backend
 from kvtier.backends.base import PutItem
 from kvtier.benches.grpc import _hybrid_prefix
@@ -79,6 +80,39 @@ def _scattered(b: Any) -> tuple[list, list[bytes]]:
     return items, fetch
 
 
+def _restore_bench(b: Any, items: list, fetch: list[bytes]) -> tuple[float, float]:
+    """Seconds to restore the prefix's attention blocks into random slots of a paged cache
+    (K and V planes), each payload validated: through staging (NIXL read, payload decode,
+    scatter) vs straight into the slots (``read_into``, checked where it landed)."""
+    pages = [(BlockKey.decode(it.key), it) for it in items if len(it.value) == len(items[0].value)]
+    keys = [it.key for _, it in pages]
+    half = (len(items[0].value) - payload.HEADER_SIZE) // 2
+    pool = 4 * len(pages)
+    k = torch.zeros((pool, half), dtype=torch.uint8)
+    v = torch.zeros((pool, half), dtype=torch.uint8)
+    views = [BlockView(k), BlockView(v)]
+    regions = [(k.data_ptr(), k.nbytes), (v.data_ptr(), v.nbytes)]
+    ids = torch.randperm(pool)[:len(pages)].tolist()
+    places = [[(k.data_ptr() + i * half, half), (v.data_ptr() + i * half, half)] for i in ids]
+
+    def staged() -> None:
+        got = b.get_many(keys)
+        scatter(views, ids, [payload.decode(g, key) for g, (key, _) in zip(got, pages)])
+
+    slots = [[memoryview(k[i].numpy()), memoryview(v[i].numpy())] for i in ids]
+
+    def direct() -> None:
+        heads = b.read_into(keys, payload.HEADER_SIZE, places, regions)
+        assert heads is not None, "no NIXL route for read_into"
+        for h, (key, _), parts in zip(heads, pages, slots):
+            payload.check_split(h, parts, key)
+
+    direct()
+    want = [bytes(payload.decode(it.value)) for _, it in pages]
+    assert [k[i].numpy().tobytes() + v[i].numpy().tobytes() for i in ids] == want
+    return _median_s(staged), _median_s(direct)
+
+
 def _copy_bench(total: int, block_bytes: int) -> tuple[float, float]:
     """Seconds to scatter a request's blocks (random slots of a paged cache, K and V
     planes) from staging rows and gather them back, vs one memcpy of the same bytes."""
@@ -120,6 +154,8 @@ def run_nixl_bench(console: Any = None) -> dict[str, Any]:
                 bytes(it.value) for it in apart]
             res["nixl_apart_s"] = _median_s(lambda: clients["nixl"].get_many(fetch_apart))
             res["contiguous_nixl_s"] = _contiguous_read(clients["nixl"], fetch, total)
+            res["restore_staged_s"], res["restore_direct_s"] = _restore_bench(
+                clients["nixl"], items, fetch)
             time.sleep(1.5)  # past the server's progress window
             res["idle_cpu_server"] = _cpu_share(tier.proc.pid)
             res["idle_cpu_client"] = _cpu_share(None)
@@ -161,6 +197,11 @@ def run_nixl_bench(console: Any = None) -> dict[str, Any]:
         for label, key, goal in rows:
             t.add_row(label, f"{res[key + '_s'] * 1e3:.1f}", f"{gbs[key]:.2f}", goal)
         console.print(t)
+        console.print(
+            f"restore of the attention blocks into random paged slots (K and V planes), every "
+            f"payload validated: through staging (READ, decode, scatter) "
+            f"{res['restore_staged_s'] * 1e3:.1f} ms, straight into the slots (read_into, "
+            f"checked in place) {res['restore_direct_s'] * 1e3:.1f} ms")
         console.print(f"idle CPU with NIXL on: server {res['idle_cpu_server']:.2%} of a core, "
                       f"client {res['idle_cpu_client']:.2%} (goal < 2%)")
     from kvtier.benches.nixl_engine import add_engine_idle  # an engine's idle CPU, same goal

@@ -1,25 +1,32 @@
 """Engines save to and restore from a real tier over NIXL (UCX, no GPU: DRAM agents).
 
-Node A saves with NIXL writes (Reserve, WRITE, Commit), node B restores with one NIXL
-READ per load; tokens must equal a cold engine's, and the tier's metrics must show the
-bytes went over NIXL, not the bulk port or gRPC.
+Node A saves with NIXL writes (Reserve, WRITE, Commit) and reads through staging;
+node B reads straight into its KV-cache blocks (``direct_reads``). Tokens must equal a
+cold engine's, and the tier's metrics must show the bytes went over NIXL, not the bulk
+port or gRPC.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvtier.payload import HEADER_SIZE
+from kvtier.backends import open_backend
+from kvtier.backends.arena import GEN_BYTES
+from kvtier.keys import BlockKey, is_manifest_key
+from kvtier.payload import HEADER_SIZE, PayloadError, decode
 from kvtier.testing.engine_proc import EngineProcess, Generation, engine_kwargs
 from kvtier.testing.tier_proc import TierProcess, free_port
 from kvtier.testing.tiny_model import make_prompt_token_ids
+from kvtier.testing.waits import wait_until
 from kvtier.transport import nixl
-from tests.e2e.conftest import deepest_boundary, landed
+from tests.e2e.conftest import SAVE_TIMEOUT_S, deepest_boundary, landed
 
 pytestmark = [pytest.mark.engine,
               pytest.mark.skipif(not nixl.available(), reason="nixl not installed")]
@@ -40,7 +47,9 @@ def nixl_cluster(model_path) -> Iterator[tuple[TierProcess, dict[str, EngineProc
         t.metrics_port = mport  # type: ignore[attr-defined]
         procs = {
             "cold": EngineProcess(engine_kwargs(model_path), "cold"),
-            "a": EngineProcess(engine_kwargs(model_path, t.url, transport="nixl"), "nixl-a"),
+            # A reads through staging, B straight into its KV-cache blocks.
+            "a": EngineProcess(engine_kwargs(model_path, t.url, transport="nixl",
+                                             direct_reads=False), "nixl-a"),
             "b": EngineProcess(engine_kwargs(model_path, t.url, transport="nixl"), "nixl-b"),
         }
         try:
@@ -73,6 +82,8 @@ def test_engine_restores_over_nixl_with_cold_tokens(nixl_cluster) -> None:
     assert hit.token_ids == ref.token_ids
     stats = e["b"].connector_stats()
     assert stats.get("blocks_loaded", 0) > 0
+    # B's KV cache is plain CPU memory: every block landed in place, none via staging.
+    assert stats.get("blocks_loaded_direct", 0) == stats["blocks_loaded"]
     moved = _tier_bytes(tier.metrics_port)
     print(f"tier bytes by (direction, transport): {moved}")
     assert moved.get(("out", "nixl"), 0) > 0
@@ -116,9 +127,59 @@ def test_two_engines_read_the_same_boundary_over_nixl_at_once(nixl_cluster) -> N
         blocks = s.get("blocks_loaded", 0) - loaded0[name].get("blocks_loaded", 0)
         data = s.get("bytes_loaded", 0) - loaded0[name].get("bytes_loaded", 0)
         assert blocks > 0, f"{name} loaded nothing"
+        direct = s.get("blocks_loaded_direct", 0) - loaded0[name].get("blocks_loaded_direct", 0)
+        assert direct == (blocks if name == "b" else 0), name  # A staged, B in place
         read += data + blocks * HEADER_SIZE
     grew = {k: moved.get(k, 0) - before.get(k, 0) for k in (("out", t) for t in
                                                              ("nixl", "tcp", "grpc"))}
     print(f"tier bytes out during the two reads: {grew}; payloads both engines loaded: {read}")
     assert grew[("out", "nixl")] == pytest.approx(read, rel=0.05)  # exact today
     assert grew[("out", "tcp")] == grew[("out", "grpc")] == 0
+
+
+def test_corrupted_extent_read_in_place_is_a_miss_and_heals(nixl_cluster) -> None:
+    """Payload bytes changed in the tier's memory by a NIXL WRITE (a rogue peer, a bug):
+    B reads them straight into its blocks, the payload checksum refuses them there, the
+    load fails and B recomputes, with cold tokens. The recompute stores good copies, and
+    the next request hits in place again."""
+    tier, e = nixl_cluster
+    p = make_prompt_token_ids(1500, 307, 4096)
+    with open_backend(tier.url, timeout_s=10) as w:
+        before = {x.key for x in w.scan()}
+        ref = _saved_by_a(tier, e, p)
+        mine = sorted(k for k in {x.key for x in w.scan()} - before if not is_manifest_key(k))
+        assert mine, "node A stored nothing"
+        w.get_many(mine[:1])  # connects the NIXL route
+        client, server = w._nixl._client, w._nixl._server
+        r = client.locate(server, mine, time.monotonic() + 10)
+        buf, addr = client._staging.get(16)
+        buf[:16] = b"\xa5" * 16
+        for a, n in zip(r.address, r.length):
+            assert n > GEN_BYTES + HEADER_SIZE + 100
+            client.agent.transfer("WRITE", client._remotes_name(server),
+                                  np.array([[addr, 16]], dtype=np.uint64),
+                                  np.array([[a + n - 64, 16]], dtype=np.uint64), 10)
+        client._release(r.lease_id, 0)
+    s0 = e["b"].connector_stats()
+    out = e["b"].generate(p)
+    assert out.token_ids == ref.token_ids
+    s1 = e["b"].connector_stats()
+    assert s1.get("error_load_invalid", 0) > s0.get("error_load_invalid", 0)
+    assert s1.get("blocks_loaded_direct", 0) == s0.get("blocks_loaded_direct", 0)
+
+    def healed() -> bool:
+        with open_backend(tier.url, timeout_s=10, transport="tcp") as b:
+            got = b.get_many(mine)
+        try:
+            for k, v in zip(mine, got):
+                decode(v, BlockKey.decode(k))
+        except (PayloadError, TypeError):
+            return False
+        return True
+
+    wait_until(healed, SAVE_TIMEOUT_S, "B's recompute replaces the corrupt entries")
+    again = e["b"].generate(p)
+    assert again.num_cached_tokens == deepest_boundary(len(p))
+    assert again.token_ids == ref.token_ids
+    assert e["b"].connector_stats().get("blocks_loaded_direct", 0) > s1.get(
+        "blocks_loaded_direct", 0)
