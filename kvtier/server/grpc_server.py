@@ -265,8 +265,15 @@ class TierServicer(pb_grpc.TierServicer):
             plane = self._plane()
             lease_s = _seconds(request.lease_s, "lease_s")
             plane.kick(1.0)  # and while the lease is out: the reader may be reading
-            lease, locs = self.backend.locate(  # type: ignore[attr-defined]
-                check_keys(list(request.keys)), lease_s)
+            keys = list(request.keys)
+            if len(keys) > MAX_KEYS:
+                raise BadRequest(f"too many keys in one call ({len(keys)} > {MAX_KEYS})")
+            lease, locs = self.backend.locate(keys, lease_s)  # type: ignore[attr-defined]
+            try:  # a key found was checked when it was stored: check only the others
+                check_keys([k for k, x in zip(keys, locs) if x is None])
+            except BadRequest:
+                self.backend.release(lease)  # type: ignore[attr-defined]
+                raise
             if self.metrics is not None:
                 found = sum(x is not None for x in locs)
                 self.metrics.hits(found, len(locs) - found)

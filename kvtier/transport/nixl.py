@@ -1,11 +1,10 @@
 """NIXL (UCX) one-sided transfers: the agent both tier server and clients run.
 
 The server registers its arena regions once and advertises the agent's metadata
-in Health; a reader locates payloads over gRPC (under a lease), then pulls them
-with NIXL READs of many descriptors into registered staging buffers (a long read
-in a few parts, the next part's Locate in flight during this part's READ; payloads
-stored back to back move as one descriptor); a writer reserves extents and WRITEs
-them. No UCX progress thread:
+in Health; a reader locates payloads over gRPC (under a lease), then pulls all
+of them with one NIXL READ of many descriptors (payloads stored back to back move
+as one) into a registered staging buffer or straight into registered local memory
+(``read_into``); a writer reserves extents and WRITEs them. No UCX progress thread:
 it spins a whole core even when idle (measured here), so the initiator drives
 progress by polling the transfer with short, growing sleeps, and the server
 pumps progress only while leases or reservations are outstanding
@@ -17,6 +16,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import queue
 import sys
 import threading
 import time
@@ -180,25 +180,17 @@ def _spans(address: np.ndarray, length: np.ndarray, region: np.ndarray,
 
 
 class Staging:
-    """Registered receive/send buffers per thread (one per pipeline ``slot``), reused
-    while nobody views them."""
+    """Registered receive/send buffers, one per thread, reused while nobody views them."""
 
     def __init__(self, agent: NixlAgent):
         self._agent = agent
         self._local = threading.local()
 
-    def _slots(self) -> dict[int, tuple[mmap.mmap, int, object]]:
-        slots = getattr(self._local, "slots", None)
-        if slots is None:
-            slots = self._local.slots = {}
-        return slots
-
-    def get(self, nbytes: int, slot: int = 0) -> tuple[mmap.mmap, int]:
+    def get(self, nbytes: int) -> tuple[mmap.mmap, int]:
         """A registered buffer of at least ``nbytes`` and its address."""
         from kvtier.transport.tcp_bulk import buffer_in_use
 
-        slots = self._slots()
-        cur = slots.get(slot)
+        cur = getattr(self._local, "cur", None)
         if cur is not None and len(cur[0]) >= nbytes and not buffer_in_use(cur[0]):
             return cur[0], cur[1]
         if cur is not None:
@@ -206,13 +198,13 @@ class Staging:
         buf = mmap.mmap(-1, max(nbytes, 1 << 20), flags=_POPULATE)
         addr = int(np.frombuffer(buf, dtype=np.uint8).ctypes.data)
         handle = self._agent.register([(addr, len(buf))])
-        slots[slot] = (buf, addr, handle)
+        self._local.cur = (buf, addr, handle)
         return buf, addr
 
-    def discard(self, slot: int = 0) -> None:
-        """Never reuse this buffer (a failed transfer may still write to it); it stays
-        registered, so a late write lands in memory nobody reads."""
-        self._slots().pop(slot, None)
+    def discard(self) -> None:
+        """Never reuse this thread's buffer (a failed transfer may still write to it); it
+        stays registered, so a late write lands in memory nobody reads."""
+        self._local.cur = None
 
 
 class ProgressPump:
@@ -293,44 +285,6 @@ class ServerPlane:
             self._pump.stop()
 
 
-PIPELINE_MIN_KEYS = 64  # fewer keys: one Locate, one READ
-PIPELINE_PARTS = 4
-
-
-def _parts(n: int) -> list[slice]:
-    """How a read of ``n`` keys is cut for the Locate/READ pipeline."""
-    k = PIPELINE_PARTS if n >= PIPELINE_MIN_KEYS else 1
-    bounds = [n * i // k for i in range(k + 1)]
-    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
-
-
-class _Located:
-    """A Locate in flight; its lease is released if the reader gives up on it."""
-
-    def __init__(self, client: NixlClient, server: str, n: int, fut) -> None:  # noqa: ANN001
-        self._client, self._server, self._n, self._fut = client, server, n, fut
-
-    def result(self):  # noqa: ANN201 - a LocateReply, checked
-        r = self._fut.result()
-        c = self._client
-        if r.nixl_agent != self._server:
-            c._release(r.lease_id, 0, wait=False)
-            raise NixlError(f"tier agent changed ({self._server} -> {r.nixl_agent})")
-        if not len(r.address) == len(r.length) == len(r.generation) == len(r.region) == self._n:
-            c._release(r.lease_id, 0, wait=False)
-            raise NixlError(f"tier answered {len(r.address)} extents for {self._n} keys")
-        return r
-
-    def abandon(self) -> None:
-        def done(f) -> None:  # noqa: ANN001
-            try:
-                self._client._release(f.result(timeout=0).lease_id, 0, wait=False)
-            except Exception as e:  # noqa: BLE001 - failed Locate: no lease to end
-                log.debug("abandoned Locate: %s", e)
-
-        self._fut.add_done_callback(done)
-
-
 class NixlClient:
     """A tier client's NIXL side: Locate (gRPC) -> one READ of every payload -> generation
     check -> Release; and Reserve -> one WRITE -> Commit. A failed or torn transfer makes
@@ -349,8 +303,9 @@ class NixlClient:
         self.agent = NixlAgent()
         self._staging = Staging(self.agent)
         self.torn = 0  # payloads read but refused (their extent's generation changed)
-        self._releasing: set = set()  # Release calls in flight (a dropped future cancels)
         self._registered: set[tuple[int, int]] = set()  # local memory read_into may fill
+        self._to_release: queue.Queue[tuple[int, int]] = queue.Queue()  # (lease, bytes read)
+        self._releaser: threading.Thread | None = None
         self._rel_lock = threading.Lock()
 
     def connect(self, name: str, metadata: bytes) -> str:
@@ -358,9 +313,8 @@ class NixlClient:
 
     def read(self, server: str, keys: Sequence[bytes], deadline: float) -> list[memoryview | None]:
         """Payloads of ``keys`` (None: missing or changed)."""
-        return self._pipelined(server, keys, deadline,
-                               lambda located, slot, part: self.fetch(server, located,
-                                                                      deadline, slot))
+        return self._read(server, keys, deadline,
+                          lambda located: self.fetch(server, located, deadline))
 
     def read_into(self, server: str, keys: Sequence[bytes], head_bytes: int,
                   places: Sequence[Sequence[tuple[int, int]]], deadline: float,
@@ -369,9 +323,8 @@ class NixlClient:
         into ``places[i]``: (address, length) runs of registered local memory, filled in
         order. None where missing, changed, or not the size the places add up to: those
         places may hold anything, and so may all of them until the caller validated."""
-        return self._pipelined(server, keys, deadline,
-                               lambda located, slot, part: self._fetch_into(
-                                   server, located, head_bytes, places[part], deadline, slot))
+        return self._read(server, keys, deadline, lambda located: self._fetch_into(
+            server, located, head_bytes, places, deadline))
 
     def register_local(self, regions: Sequence[tuple[int, int]]) -> None:
         """Register local memory that :meth:`read_into` may place bytes in (once each)."""
@@ -380,45 +333,40 @@ class NixlClient:
             self.agent.register(new)
             self._registered.update(new)
 
-    def _pipelined(self, server: str, keys: Sequence[bytes], deadline: float,
-                   fetch_part: Callable) -> list[memoryview | None]:
-        """Reads in parts: while one part is READ, the next part's Locate is in flight, so
-        only the first Locate is waited on."""
-        parts = _parts(len(keys))
-        out: list[memoryview | None] = []
-        pending = self._locate_async(server, keys[parts[0]], deadline)
-        for n, part in enumerate(parts):
-            located = pending.result()
-            pending = (self._locate_async(server, keys[parts[n + 1]], deadline)
-                       if n + 1 < len(parts) else None)
-            read_bytes = 0
-            try:
-                got, read_bytes = fetch_part(located, n, part)
-            except BaseException:
-                if pending is not None:
-                    pending.abandon()
-                raise
-            finally:
-                self._release(located.lease_id, read_bytes, wait=False)
-            out.extend(got)
-        return out
+    def _read(self, server: str, keys: Sequence[bytes], deadline: float,
+              fetch: Callable) -> list[memoryview | None]:
+        """Locate, READ (``fetch``), Release. One Locate for all keys: cutting a read into
+        parts with the next Locate in flight gained nothing here (NIXL's UCX READ between
+        two processes of one host is a copy that holds the GIL, which gRPC's client needs
+        to move the next call)."""
+        located = self.locate(server, keys, deadline)
+        read_bytes = 0
+        try:
+            got, read_bytes = fetch(located)
+            return got
+        finally:
+            self._release(located.lease_id, read_bytes, wait=False)
 
-    def _locate_async(self, server: str, keys: Sequence[bytes], deadline: float) -> _Located:
+    def locate(self, server: str, keys: Sequence[bytes], deadline: float):  # noqa: ANN201
+        """The LocateReply for ``keys``: their extents under a lease (release it!)."""
         from kvtier.proto import tier_pb2 as pb
 
         left = max(1e-3, deadline - time.monotonic())
         # The lease ends well after the deadline: a READ still running then is abandoned.
-        req = pb.LocateRequest(keys=list(keys), lease_s=min(60.0, 2 * left + 1))
-        return _Located(self, server, len(keys), self._stub.Locate.future(req, timeout=left))
-
-    def locate(self, server: str, keys: Sequence[bytes], deadline: float):  # noqa: ANN201
-        """The LocateReply for ``keys``: their extents under a lease (release it!)."""
-        return self._locate_async(server, keys, deadline).result()
+        r = self._stub.Locate(pb.LocateRequest(keys=list(keys), lease_s=min(60.0, 2 * left + 1)),
+                              timeout=left)
+        if r.nixl_agent != server:
+            self._release(r.lease_id, 0, wait=False)
+            raise NixlError(f"tier agent changed ({server} -> {r.nixl_agent})")
+        if not len(r.address) == len(r.length) == len(r.generation) == len(r.region) == len(keys):
+            self._release(r.lease_id, 0, wait=False)
+            raise NixlError(f"tier answered {len(r.address)} extents for {len(keys)} keys")
+        return r
 
     def fetch(self, server: str, located, deadline: float,  # noqa: ANN001 - a LocateReply
-              slot: int = 0) -> tuple[list[memoryview | None], int]:
-        """One READ of every found extent into staging ``slot``; payloads whose generation
-        word differs from the located one (freed and reused) are None."""
+              ) -> tuple[list[memoryview | None], int]:
+        """One READ of every found extent into staging; payloads whose generation word
+        differs from the located one (freed and reused) are None."""
         remote = self._remotes_name(server)
         lens_all = np.array(located.length, dtype=np.int64)
         found = np.flatnonzero(lens_all > 0)
@@ -428,14 +376,14 @@ class NixlClient:
         lens = lens_all[found].astype(np.uint64)
         start, span_len, offs = _spans(np.array(located.address, dtype=np.uint64)[found], lens,
                                        np.array(located.region, dtype=np.uint32)[found])
-        buf, addr = self._staging.get(int(span_len.sum()), slot)
+        buf, addr = self._staging.get(int(span_len.sum()))
         local = np.stack([np.cumsum(span_len) - span_len + np.uint64(addr), span_len], axis=1)
         # Half the time left: a transfer that hangs leaves the other half to TCP or gRPC.
         try:
             self.agent.transfer("READ", remote, local, np.stack([start, span_len], axis=1),
                                 max(1e-3, (deadline - time.monotonic()) / 2))
         except NixlError:
-            self._staging.discard(slot)  # a late-landing READ must never write into a reuse
+            self._staging.discard()  # a late-landing READ must never write into a reuse
             raise
         # Every extent's first word against the generation Locate saw, in one pass.
         words = np.frombuffer(buf, dtype=np.uint8)[
@@ -451,7 +399,7 @@ class NixlClient:
         return out, read_bytes
 
     def _fetch_into(self, server: str, located, head_bytes: int,  # noqa: ANN001
-                    places: Sequence[Sequence[tuple[int, int]]], deadline: float, slot: int,
+                    places: Sequence[Sequence[tuple[int, int]]], deadline: float,
                     ) -> tuple[list[memoryview | None], int]:
         remote = self._remotes_name(server)
         head = GEN_BYTES + head_bytes
@@ -460,7 +408,7 @@ class NixlClient:
                 if n > 0 and n == head + sum(ln for _, ln in places[i])]
         if not want:
             return out, 0
-        buf, addr = self._staging.get(head * len(want), slot)
+        buf, addr = self._staging.get(head * len(want))
         local, rem = [], []
         for j, (i, a, _) in enumerate(want):
             local.append((addr + j * head, head))
@@ -475,7 +423,7 @@ class NixlClient:
                                 np.array(rem, dtype=np.uint64),
                                 max(1e-3, (deadline - time.monotonic()) / 2))
         except NixlError:
-            self._staging.discard(slot)
+            self._staging.discard()
             raise
         view = memoryview(buf)
         read_bytes = 0
@@ -490,42 +438,42 @@ class NixlClient:
 
     def _release(self, lease_id: int, read_bytes: int, wait: bool = True) -> None:
         """End a lease (and report the bytes read, for the tier's metrics); without
-        ``wait`` the reader does not wait for the answer (:meth:`drain` does)."""
-        from kvtier.proto import tier_pb2 as pb
-
+        ``wait`` a background thread sends it (:meth:`drain` waits for it): a gRPC
+        future would start a thread per call, costing the reader more than the call."""
         if not lease_id:
             return
-        req = pb.ReleaseRequest(lease_id=lease_id, read_bytes=read_bytes)
-        try:
-            if wait:
-                self._stub.Release(req, timeout=self.timeout_s)
-                return
-            fut = self._stub.Release.future(req, timeout=self.timeout_s)
-        except Exception as e:  # noqa: BLE001 - the lease expires by itself
-            log.debug("release of lease %d failed: %s", lease_id, e)
+        if wait:
+            self._send_release(lease_id, read_bytes)
             return
         with self._rel_lock:
-            self._releasing.add(fut)
-        fut.add_done_callback(self._released)
+            if self._releaser is None:
+                self._releaser = threading.Thread(target=self._release_loop, daemon=True,
+                                                  name="kvtier-nixl-release")
+                self._releaser.start()
+        self._to_release.put((lease_id, read_bytes))
 
-    def _released(self, fut) -> None:  # noqa: ANN001 - a grpc.Future
-        with self._rel_lock:
-            self._releasing.discard(fut)
+    def _send_release(self, lease_id: int, read_bytes: int) -> None:
+        from kvtier.proto import tier_pb2 as pb
+
         try:
-            fut.result(timeout=0)
+            self._stub.Release(pb.ReleaseRequest(lease_id=lease_id, read_bytes=read_bytes),
+                               timeout=self.timeout_s)
         except Exception as e:  # noqa: BLE001 - the lease expires by itself
-            log.debug("release failed: %s", e)
+            log.debug("release of lease %d failed: %s", lease_id, e)
+
+    def _release_loop(self) -> None:
+        while True:
+            lease_id, read_bytes = self._to_release.get()
+            try:
+                self._send_release(lease_id, read_bytes)
+            finally:
+                self._to_release.task_done()
 
     def drain(self, timeout_s: float = 2.0) -> None:
-        """Wait for Release calls still in flight (before the channel closes)."""
+        """Wait (up to ``timeout_s``) for releases not sent yet (before the channel closes)."""
         end = time.monotonic() + timeout_s
-        with self._rel_lock:
-            pending = list(self._releasing)
-        for fut in pending:
-            try:
-                fut.result(timeout=max(0.0, end - time.monotonic()))
-            except Exception as e:  # noqa: BLE001 - the lease expires by itself
-                log.debug("release failed: %s", e)
+        while self._to_release.unfinished_tasks and time.monotonic() < end:
+            time.sleep(0.005)
 
     def write(self, server: str, items: Sequence, deadline: float) -> int:
         """Store ``items`` (PutItem) by Reserve, one WRITE, Commit; returns how many stored."""
