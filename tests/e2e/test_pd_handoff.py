@@ -26,9 +26,10 @@ import pytest
 from kvtier.testing.delay_proxy import DelayProxy
 from kvtier.testing.engine_proc import EngineProcess, Generation, engine_kwargs
 from kvtier.testing.reference import split_reference_prompt
-from kvtier.testing.tier_proc import TierProcess
+from kvtier.testing.tier_proc import TierProcess, free_port
 from kvtier.testing.tiny_model import make_prompt_token_ids
-from kvtier.testing.waits import wait_until
+from kvtier.testing.waits import scrape_metrics, wait_until
+from kvtier.transport import nixl
 from tests.e2e.conftest import BLOCK
 
 pytestmark = pytest.mark.engine
@@ -63,9 +64,14 @@ class PD:
 
 @pytest.fixture(scope="module")
 def pd(model_path: Path) -> Iterator[PD]:
-    with TierProcess(capacity="2GiB") as tier, DelayProxy(f"127.0.0.1:{tier.port}") as proxy:
-        # The prefill reaches the tier through a proxy that can slow its put path.
-        # Bulk reads are advertised by the tier itself (not proxied): only writes slow down.
+    mport = free_port()
+    with TierProcess(capacity="2GiB", nixl=nixl.available(),
+                     extra_args=("--metrics-port", str(mport))) as tier, \
+            DelayProxy(f"127.0.0.1:{tier.port}") as proxy:
+        tier.metrics_port = mport  # type: ignore[attr-defined]
+        # The prefill reaches the tier through a proxy that can slow its put path (with
+        # NIXL: Reserve and Commit; the WRITE goes to the tier's agent as advertised).
+        # Bulk and NIXL reads are advertised by the tier itself (not proxied).
         slow_url = f"grpc://{proxy.address()}"
         pkw = engine_kwargs(model_path, slow_url, retry_after_s=0.5)
         pkw["kv_transfer_config"]["kv_role"] = "kv_producer"
@@ -113,6 +119,13 @@ def test_decode_restores_all_but_the_last_token(pd: PD, cold):
     print(f"\nhand-off tokens equal to a one-pass cold run on {cold_same}/{len(prompts)} prompts")
     stats = pd.decode.connector_stats()
     assert not any(k.startswith("error_handoff") for k in stats), stats
+    if pd.tier.nixl:  # as deployed (kvtier serve has NIXL on): the hand-off moved over it
+        moved = {}
+        for (name, labels), v in scrape_metrics(pd.tier.metrics_port).items():
+            if name == "kvtier_bytes_total":
+                moved[(dict(labels)["direction"], dict(labels)["transport"])] = v
+        assert moved.get(("in", "nixl"), 0) > 0 and moved.get(("out", "nixl"), 0) > 0, moved
+        assert moved.get(("out", "tcp"), 0) == moved.get(("out", "grpc"), 0) == 0, moved
     # kv_consumer saves only what its own decode writes: the blocks its decode steps
     # completed (positions N - 1 .. N + MAX_TOKENS - 2), never the prompt's own blocks.
     decoded = sum(BLOCK * len(range((len(p) - 1) // BLOCK + 1, (len(p) + MAX_TOKENS - 1) // BLOCK
