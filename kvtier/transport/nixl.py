@@ -83,8 +83,11 @@ class NixlAgent:
     def register(self, regions: Sequence[tuple[int, int]]) -> object:
         """Register (address, length) DRAM regions; returns a handle for :meth:`deregister`."""
         with self._lock:
-            return self._agent.register_memory(
-                [(addr, ln, 0, "") for addr, ln in regions], "DRAM")
+            try:
+                return self._agent.register_memory(
+                    [(addr, ln, 0, "") for addr, ln in regions], "DRAM")
+            except Exception as e:  # noqa: BLE001 - nixl raises its own error types
+                raise NixlError(f"NIXL could not register {len(regions)} regions: {e}") from None
 
     def deregister(self, handle: object) -> None:
         with self._lock:

@@ -210,6 +210,19 @@ def test_read_into_places_each_payload_straight_into_its_slots(tier) -> None:
                             keys[40], layout)
 
 
+def test_read_into_memory_that_cannot_take_it_is_a_fallback(tier) -> None:
+    """Places NIXL cannot write (here: an unmapped address) fail the READ: read_into says
+    None (the caller reads through staging), nothing crashes, and reads go on."""
+    items = _items(4)
+    with open_backend(tier.url, timeout_s=10) as b:
+        b.put_many(items)
+        keys = [it.key for it in items]
+        places = [[(4096 * (i + 1), BLOCK)] for i in range(4)]
+        assert b.read_into(keys, 0, places, [(4096, 4 * BLOCK)]) is None
+        assert b._nixl.failures == 1
+        assert [bytes(g) for g in b.get_many(keys)] == [it.value for it in items]
+
+
 def test_two_readers_of_the_same_blocks_at_once(tier) -> None:
     items = _items(64)
     with open_backend(tier.url, timeout_s=10) as w:
