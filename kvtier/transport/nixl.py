@@ -13,6 +13,7 @@ pumps progress only while leases or reservations are outstanding
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
@@ -118,9 +119,13 @@ class NixlAgent:
 
     # -- transfers ----------------------------------------------------------------
     def transfer(self, op: str, remote: str, local: np.ndarray, remote_descs: np.ndarray,
-                 timeout_s: float) -> None:
+                 timeout_s: float, settle: bool = False) -> None:
         """One READ or WRITE of many descriptors: ``local``/``remote_descs`` are Nx2
-        (address, length) arrays, pairwise equal lengths. Raises :class:`NixlError`."""
+        (address, length) arrays, pairwise equal lengths. Raises :class:`NixlError`.
+
+        A transfer that times out may still be moving bytes. With ``settle`` this does not
+        return before it is aborted or over (a READ into memory the caller hands back, a
+        KV cache, must never land late); without, the caller never reuses the memory."""
         if len(local) == 0:
             return
         deadline = time.monotonic() + timeout_s
@@ -144,11 +149,34 @@ class NixlAgent:
             if state != "DONE":
                 raise NixlError(f"NIXL {op} from {remote} failed ({state})")
         finally:
+            self._release_xfer(handle, op, remote, settle)
+
+    def _release_xfer(self, handle: object, op: str, remote: str, settle: bool) -> None:
+        """Release (aborting if still under way) a transfer; with ``settle``, keep trying
+        while it is still in flight: at worst slower, never a late write."""
+        warned = False
+        while True:
             with self._lock:
                 try:
                     self._agent.release_xfer_handle(handle)
-                except Exception as e:  # noqa: BLE001 - an aborted transfer may refuse
-                    log.debug("release_xfer_handle: %s", e)
+                    return
+                except Exception as e:  # noqa: BLE001 - an active transfer may refuse
+                    if not settle:
+                        log.debug("release_xfer_handle: %s", e)
+                        return
+                    try:
+                        state = self._agent.check_xfer_state(handle)  # drives progress
+                    except Exception:  # noqa: BLE001 - a failed handle is not moving bytes
+                        state = "ERR"
+                    if state != "PROC":  # over: release it if it lets us, and go
+                        with contextlib.suppress(Exception):
+                            self._agent.release_xfer_handle(handle)
+                        return
+            if not warned:
+                warned = True
+                log.warning("NIXL %s from %s still in flight after its deadline; waiting "
+                            "for it before its memory is reused", op, remote)
+            time.sleep(1e-3)
 
     def progress(self) -> None:
         """Drive the backend's progress once (what a progress thread would spin on)."""
@@ -424,7 +452,7 @@ class NixlClient:
         try:
             self.agent.transfer("READ", remote, np.array(local, dtype=np.uint64),
                                 np.array(rem, dtype=np.uint64),
-                                max(1e-3, (deadline - time.monotonic()) / 2))
+                                max(1e-3, (deadline - time.monotonic()) / 2), settle=True)
         except NixlError:
             self._staging.discard()
             raise
