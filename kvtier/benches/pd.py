@@ -146,7 +146,10 @@ def _serve(servers: dict[str, ApiServer]) -> str:
 def _run_kvtier(model_path: Path, prompt_tokens: int) -> dict[str, Any]:
     mml = prompt_tokens + 512
     rows: dict[str, list[float]] = {"router": [], "decode": [], "local": [], "cold": []}
-    with TierProcess(capacity="4GiB") as tier:
+    from kvtier.transport import nixl
+
+    # As ``kvtier serve`` runs by default: the hand-off moves over NIXL where it imports.
+    with TierProcess(capacity="4GiB", nixl=nixl.available()) as tier:
         servers = {
             "prefill": ApiServer(server_args(model_path, kv_transfer_config(
                 tier.url, "kv_producer"), max_model_len=mml), "bench-prefill"),
