@@ -101,9 +101,9 @@ class WorkerSide:
             if self.cfg.direct_reads and all(r is not None for r in runs):
                 self._places[g.group_id] = [(a, step, v.block_nbytes)
                                             for (a, step), v in zip(runs, views)]  # type: ignore[misc]
-                self._regions.extend(dict.fromkeys(
-                    (v.tensor.untyped_storage().data_ptr(), v.tensor.untyped_storage().nbytes())
-                    for v in views))
+                storages = [v.tensor.untyped_storage() for v in views]
+                self._regions.extend(dict.fromkeys((st.data_ptr(), st.nbytes())
+                                                   for st in storages))
         first = next(iter(kv_caches.values()))
         device = (first[0] if isinstance(first, (list, tuple)) else first).device
         if device.type == "cuda":  # loads scatter from the loader thread: wait for them

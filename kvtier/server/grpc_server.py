@@ -33,7 +33,13 @@ from kvtier.transport.grpc_channel import (
     data_chunk,
     identity,
 )
-from kvtier.transport.validation import MAX_KEYS, MAX_VALUE, BadRequest, check_keys
+from kvtier.transport.validation import (
+    MAX_KEYS,
+    MAX_VALUE,
+    BadRequest,
+    check_count,
+    check_keys,
+)
 
 if TYPE_CHECKING:
     from kvtier.transport.nixl import ServerPlane
@@ -266,8 +272,7 @@ class TierServicer(pb_grpc.TierServicer):
             lease_s = _seconds(request.lease_s, "lease_s")
             plane.kick(1.0)  # and while the lease is out: the reader may be reading
             keys = list(request.keys)
-            if len(keys) > MAX_KEYS:
-                raise BadRequest(f"too many keys in one call ({len(keys)} > {MAX_KEYS})")
+            check_count(len(keys))
             lease, locs = self.backend.locate(keys, lease_s)  # type: ignore[attr-defined]
             try:  # a key found was checked when it was stored: check only the others
                 check_keys([k for k, x in zip(keys, locs) if x is None])

@@ -16,10 +16,15 @@ class BadRequest(ValueError):
     """Client error: reported as INVALID_ARGUMENT."""
 
 
+def check_count(n: int) -> None:
+    """At most MAX_KEYS keys in one call."""
+    if n > MAX_KEYS:
+        raise BadRequest(f"too many keys in one call ({n} > {MAX_KEYS}); batch them")
+
+
 def check_keys(keys: list[bytes]) -> list[bytes]:
     """``keys`` unchanged if each is a block or manifest key and there are not too many."""
-    if len(keys) > MAX_KEYS:
-        raise BadRequest(f"too many keys in one call ({len(keys)} > {MAX_KEYS}); batch them")
+    check_count(len(keys))
     for k in keys:
         if not is_block_key(k) and not is_manifest_key(k):
             try:
