@@ -117,3 +117,22 @@ def test_branch_point_state_outlives_a_mid_chain_one(policy: str) -> None:
         assert "J2s" not in kept and "M2s" in kept
     else:
         assert "J2s" in kept and "M2s" not in kept and "M4s" in kept
+
+
+@pytest.mark.parametrize("prior", [0.0, 0.25])
+def test_fresh_state_on_a_busy_prefix_outlives_a_one_off(prior: float) -> None:
+    """A state just saved where many requests passed (its attention block was read by
+    each) is predicted to be hit; a one-off request's state of the same size is not."""
+    store = MemoryBackend(12 * MIB, policy=LeafValue(prefix_prior=prior))
+    store.put_many(chain("J", 2, (2,)))
+    for _ in range(4):
+        store.get_many([key(ATTN, "J1"), key(ATTN, "J2")])
+    store.put_many(chain("U", 2, (2,)))
+    store.put_many(chain("V", 1, (1,)))
+    kept = {(BlockKey.decode(e.key).block_hash.decode(), BlockKey.decode(e.key).group)
+            for e in store.scan()}
+    assert ("V1", STATE) in kept
+    if prior:
+        assert ("J2", STATE) in kept and ("U2", STATE) not in kept
+    else:  # equal value without the prior: the older one goes
+        assert ("J2", STATE) not in kept and ("U2", STATE) in kept
