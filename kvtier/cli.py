@@ -531,7 +531,9 @@ def sim(
     = "20%",
     admission: Annotated[str, typer.Option(help="dense, prompt_end, marconi, default")]
     = "default",
-    eviction: Annotated[str, typer.Option(help="lru, fifo or value")] = "value",
+    eviction: Annotated[str, typer.Option(
+        help="lru, fifo, value, or clairvoyant (knows the trace's future: a reference)")]
+    = "value",
     chunk_tokens: Annotated[int, typer.Option(help="vLLM's prefill chunk budget")] = 8192,
     in_chunk: Annotated[bool, typer.Option(
         help="vLLM writes states inside a chunk (no chunk end moved)")] = False,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from kvtier.admission import AdmissionPolicy, RequestView, make_admission
 from kvtier.backends.base import PutItem
-from kvtier.backends.eviction import make_policy
+from kvtier.backends.eviction import EvictionPolicy, make_policy
 from kvtier.backends.memory import MemoryBackend
 from kvtier.hashing import prompt_block_hashes
 from kvtier.keys import BlockKey, Namespace
@@ -68,6 +68,11 @@ def prepare(reqs: Sequence[Request], block_tokens: int, seed: str = "0") -> list
     return out
 
 
+def restorable_hashes(prepared: Sequence[Prepared], block_tokens: int) -> list[tuple[bytes, ...]]:
+    """Per request, the prefix hashes a lookup may restore (at least one token computed)."""
+    return [p.hashes[:(p.num_prompt_tokens - 1) // block_tokens] for p in prepared]
+
+
 def working_set_bytes(prepared: Sequence[Prepared], model: ModelSpec) -> int:
     """Bytes of every distinct boundary with its attention block and a state
     (what dense checkpoints would store with no eviction)."""
@@ -106,13 +111,14 @@ class Simulator:
     """One tier (a MemoryBackend of ``capacity_bytes``) serving a stream of requests."""
 
     def __init__(self, model: ModelSpec, admission: str | AdmissionPolicy = "default",
-                 eviction: str = "value", capacity_bytes: int = 1 << 50,
+                 eviction: str | EvictionPolicy = "value", capacity_bytes: int = 1 << 50,
                  chunk_tokens: int = 8192, in_chunk_checkpoints: bool = False,
                  save_decoded: bool = True) -> None:
         self.model = model
         self.admission = (make_admission(admission) if isinstance(admission, str)
                           else admission)
-        self.store = MemoryBackend(capacity_bytes, policy=make_policy(eviction))
+        self.policy = make_policy(eviction) if isinstance(eviction, str) else eviction
+        self.store = MemoryBackend(capacity_bytes, policy=self.policy)
         self.chunk_tokens = max(chunk_tokens, model.block_tokens)
         self.in_chunk = in_chunk_checkpoints
         self.save_decoded = save_decoded
@@ -125,7 +131,10 @@ class Simulator:
         return BlockKey(self.ns, 0, group, h).encode()
 
     def run(self, prepared: Sequence[Prepared]) -> SimResult:
-        for p in prepared:
+        advance = getattr(self.policy, "advance", None)  # a policy that knows the future
+        for i, p in enumerate(prepared):
+            if advance is not None:
+                advance(i)
             self.step(p)
         self.result.evictions = self.store.stats().evictions
         return self.result
@@ -207,7 +216,7 @@ def simulate(reqs: Sequence[Request] | Sequence[Prepared], model: ModelSpec,
 def predict_hit_tokens(requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                        boundary_tokens: int, state_bytes_per_boundary: int,
                        kv_bytes_per_token: int, admission: str = "default",
-                       eviction: str = "value", capacity_bytes: int = 1 << 50,
+                       eviction: str | EvictionPolicy = "value", capacity_bytes: int = 1 << 50,
                        chunk_tokens: int = 8192, in_chunk_checkpoints: bool = False,
                        save_decoded: bool = True) -> list[int]:
     """Tokens each request (prompt ids, output ids), run in order, should restore from

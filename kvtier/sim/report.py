@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from kvtier.config import parse_bytes
 from kvtier.sim import replay, traces
+from kvtier.sim.clairvoyant import Clairvoyant
 from kvtier.sim.models import ModelSpec, get_model
 
 GIB = 1 << 30
@@ -44,7 +45,10 @@ def load(trace: str | None, gen: str | None, model: str | ModelSpec, requests: i
 def run(loaded: Loaded, capacity: str, admission: str, eviction: str,
         chunk_tokens: int = 8192, in_chunk_checkpoints: bool = False) -> dict:
     cap = parse_capacity(capacity, loaded.working_set)
-    res = replay.Simulator(loaded.model, admission, eviction, cap, chunk_tokens,
+    policy: str | Clairvoyant = eviction
+    if eviction == Clairvoyant.name:  # knows the trace's future: a reference, not a plug-in
+        policy = Clairvoyant(replay.restorable_hashes(loaded.prepared, loaded.model.block_tokens))
+    res = replay.Simulator(loaded.model, admission, policy, cap, chunk_tokens,
                            in_chunk_checkpoints).run(loaded.prepared)
     return {"trace": loaded.name, "model": loaded.model.name, "admission": admission,
             "eviction": eviction, "capacity_bytes": cap, "working_set_bytes": loaded.working_set,
