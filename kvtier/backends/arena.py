@@ -38,7 +38,6 @@ class Extent:
     length: int
     generation: int
     refs: int = 1  # the entry that owns it, plus one per lease reading it
-    checksum: int = 0
     payload_len: int = field(default=0)
 
 

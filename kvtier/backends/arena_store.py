@@ -2,7 +2,7 @@
 one-sided readers and writers (NIXL).
 
 A reader first *locates* keys: it gets each payload's extent (region, offset,
-length, generation, checksum) under a *lease*. While leased, an entry is not
+length, generation) under a *lease*. While leased, an entry is not
 evicted, and a delete or replacement of it leaves the leased bytes in place
 (the new value is written elsewhere) until the lease is released or expires.
 A writer *reserves* extents, writes them, then *commits* them: the entries adopt them;
@@ -34,7 +34,6 @@ class Located:
     offset: int
     length: int  # generation word + payload (the extent itself may be padded)
     generation: int
-    checksum: int  # xxh3-64 of the payload
 
 
 def checksum(data: bytes | memoryview) -> int:
@@ -71,9 +70,7 @@ class ArenaMemoryBackend(MemoryBackend):
         ext = self._alloc(len(value), keep)
         if ext is None:
             return None
-        view = self.arena.write(ext, value)
-        ext.checksum = checksum(view)
-        return view, ext
+        return self.arena.write(ext, value), ext
 
     def _make_room(self, size: int, keep: bytes | None = None) -> bool:
         if self._used + size > self.capacity_bytes and (self._leases or self._reserved):
@@ -157,7 +154,7 @@ class ArenaMemoryBackend(MemoryBackend):
                 ext.refs += 1
                 held.append((k, e.serial, ext))  # type: ignore[union-attr]
                 out.append(Located(ext.region, ext.offset, GEN_BYTES + ext.payload_len,
-                                   ext.generation, ext.checksum))
+                                   ext.generation))
             lease_id = 0
             if held:
                 lease_id = next(self._ids)
@@ -183,7 +180,7 @@ class ArenaMemoryBackend(MemoryBackend):
             rid = next(self._ids)
             self._reserved[rid] = (now + ttl_s, exts)
         return rid, [None if x is None else Located(x.region, x.offset, GEN_BYTES + x.payload_len,
-                                                    x.generation, 0) for x in exts]
+                                                    x.generation) for x in exts]
 
     def commit(self, reservation: int,
                items: Sequence[tuple[int, bytes, bytes | None, int]]) -> tuple[int, int]:
@@ -210,7 +207,6 @@ class ArenaMemoryBackend(MemoryBackend):
                     self._rejected += 1
                     continue
                 seen.add(i)  # one extent, one entry
-                ext.checksum = digest
                 nbytes += len(view)
                 stored += self._put(PutItem(key, view, parent), at=ext)  # type: ignore[arg-type]
             for ext in exts:  # the reservation's hold; adopted ones stay with their entry

@@ -264,7 +264,7 @@ class TierServicer(pb_grpc.TierServicer):
         arena = self.backend.arena  # type: ignore[attr-defined]
         return [pb.Extent() if x is None else pb.Extent(
             address=arena.base_address(x.region) + x.offset, length=x.length,
-            generation=x.generation, checksum=x.checksum) for x in locs]
+            generation=x.generation) for x in locs]
 
     def Locate(self, request, context):  # noqa: N802
         def run() -> pb.LocateReply:

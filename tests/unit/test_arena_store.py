@@ -112,7 +112,7 @@ def test_locate_points_at_the_payload_and_lease_blocks_eviction() -> None:
     view = b.arena.views[loc.region]
     assert generation_at(view, loc.offset) == loc.generation
     payload = bytes(view[loc.offset + GEN_BYTES:loc.offset + GEN_BYTES + 1000])
-    assert payload == b"v" * 1000 and checksum(payload) == loc.checksum
+    assert payload == b"v" * 1000
     # Pressure: "a" is the LRU leaf but leased, so "b" goes instead.
     assert b.put_many([_item(b"c"), _item(b"d")]) == 2
     assert b.contains_many([b"a", b"b"]) == [True, False]
@@ -184,7 +184,8 @@ def test_commit_adopts_the_written_extents() -> None:
     for loc, got, d in zip(locs, found, data):
         assert got is not None and loc is not None
         assert (got.region, got.offset, got.generation) == (loc.region, loc.offset, loc.generation)
-        assert got.checksum == checksum(d)
+        view = b.arena.views[got.region]
+        assert bytes(view[got.offset + GEN_BYTES:got.offset + got.length]) == d
     s = b.stats()
     assert (s.entries, s.bytes_used, s.puts) == (2, 1500, 2)
     assert next(iter(b.scan(b"p"))).children == 1  # linked as put_many links
