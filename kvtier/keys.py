@@ -96,6 +96,13 @@ def is_block_key(raw: bytes) -> bool:
     return _CANONICAL.fullmatch(raw) is not None
 
 
+def group_of(key: bytes) -> bytes | None:
+    """The KV-cache group field of a block key, unparsed (None for other keys): enough to
+    tell a recurrent state from the attention block it sits on (their groups differ)."""
+    parts = key.split(b":")
+    return parts[3] if len(parts) == 5 else None
+
+
 def namespace_prefix(namespace: bytes | None = None) -> bytes:
     """Key prefix selecting every block (of one namespace, if given)."""
     if namespace is None:

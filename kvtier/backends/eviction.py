@@ -13,6 +13,8 @@ import itertools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from kvtier.keys import group_of
+
 
 @dataclass(frozen=True, slots=True)
 class EntryMeta:
@@ -95,12 +97,6 @@ class LeafFIFO(LeafLRU):
             super().touched(key)
 
 
-def _group(key: bytes) -> bytes | None:
-    """The KV-cache group field of a kvtier block key (None for other keys)."""
-    parts = key.split(b":")
-    return parts[3] if len(parts) == 5 else None
-
-
 @dataclass(slots=True)
 class _Value:
     size: int
@@ -153,7 +149,7 @@ class LeafValue(EvictionPolicy):
     def added(self, key: bytes, meta: EntryMeta) -> None:
         self._drop(key)
         p = self._meta.get(meta.parent) if meta.parent is not None else None
-        state = meta.parent is not None and _group(meta.parent) != _group(key)
+        state = meta.parent is not None and group_of(meta.parent) != group_of(key)
         depth = (p.depth if p else 1) if state else (p.depth + 1 if p else 1)
         self._meta[key] = _Value(meta.size, meta.parent, state, depth, hits=-1)
         if meta.parent is None:
