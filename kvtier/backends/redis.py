@@ -13,7 +13,8 @@ which win over the URL)::
     rediss+cluster://...                           (cluster over TLS)
 
 Options: ``timeout_s`` (per socket operation, default 2), ``ttl_s`` (expiry of
-unpinned blocks, 0/absent = none), TLS ``ssl_ca_certs``, ``ssl_ca_path``,
+unpinned blocks, 0/absent = none), ``ttl_tiers`` (expiry by value, :data:`TTL_TIERS`;
+for ``maxmemory-policy volatile-ttl``), TLS ``ssl_ca_certs``, ``ssl_ca_path``,
 ``ssl_certfile``, ``ssl_keyfile``, ``ssl_password``, ``ssl_cert_reqs``
 (``required``/``optional``/``none``), ``ssl_check_hostname``; tuning
 ``batch_bytes``, ``socket_read_size``, ``max_connections``, ``client_name``,
@@ -77,7 +78,7 @@ from redis.retry import Retry
 from redis.utils import HIREDIS_AVAILABLE
 
 from kvtier.backends.base import Backend, BackendError, BackendStats, EntryInfo, PutItem
-from kvtier.keys import namespace_prefix
+from kvtier.keys import group_of, namespace_prefix
 from kvtier.payload import KEEP, REFUSE, REPLACE, put_verdict
 
 _SCHEMES = {
@@ -97,7 +98,7 @@ _CLIENT_OPTS = {
     "health_check_interval": float,
     "socket_keepalive": bool,
 }
-_OWN_OPTS = {"timeout_s": float, "ttl_s": float, "batch_bytes": int}
+_OWN_OPTS = {"timeout_s": float, "ttl_s": float, "ttl_tiers": bool, "batch_bytes": int}
 KNOWN_OPTIONS = (*_OWN_OPTS, *_SSL_OPTS, *_CLIENT_OPTS)
 
 DEFAULT_TIMEOUT_S = 2.0
@@ -129,6 +130,7 @@ class RedisTarget:
     password: str | None = field(default=None, repr=False)
     timeout_s: float = DEFAULT_TIMEOUT_S
     ttl_s: float | None = None
+    ttl_tiers: bool = False
     batch_bytes: int = DEFAULT_BATCH_BYTES
     ssl: dict[str, Any] = field(default_factory=dict)
     client: dict[str, Any] = field(default_factory=dict)
@@ -242,6 +244,11 @@ def parse_redis_url(url: str, **options: Any) -> RedisTarget:
         if ttl < 0:
             raise ValueError(f"redis option ttl_s must be >= 0 (0 = no expiry), got {ttl}")
         target.ttl_s = ttl or None
+    if "ttl_tiers" in opts:
+        target.ttl_tiers = _bool("ttl_tiers", opts["ttl_tiers"])
+        if target.ttl_tiers and target.ttl_s is None:
+            raise ValueError("redis option ttl_tiers needs ttl_s (the expiry its tiers are "
+                             "multiples of), e.g. ?ttl_s=86400&ttl_tiers=true")
     if "batch_bytes" in opts:
         target.batch_bytes = max(1, _number("batch_bytes", opts["batch_bytes"], int))
     for k, conv in _CLIENT_OPTS.items():
@@ -365,6 +372,37 @@ def _explain(t: RedisTarget, op: str, e: BaseException) -> str:
 
 _ERRORS = (RedisError, RedisClusterException, OSError)
 log = logging.getLogger(__name__)
+
+
+# -- value by expiry ----------------------------------------------------------------------
+# Expiry, in multiples of ttl_s, of what a key of one save is worth (``ttl_tiers``). Under
+# ``maxmemory-policy volatile-ttl`` Redis evicts the key nearest its expiry first, so this
+# is eviction by value as far as Redis allows (no evictor process, no parent links): a
+# chain's tail after its last state first, then a state a deeper one of the same save
+# supersedes, then a chain-end state, and the prefix blocks a state needs last.
+TTL_TIERS = {"tail": 0.25, "mid_state": 0.5, "state": 1.0, "prefix": 2.0}
+
+
+def ttl_tiers(items: Sequence[PutItem]) -> list[str]:
+    """The :data:`TTL_TIERS` tier of each item of one save, from its parent links: a state
+    hangs off the attention block at its boundary (another group), an attention block off
+    the previous one of its group."""
+    parent = {it.key: it.parent for it in items}
+    state = [it.parent is not None and group_of(it.parent) != group_of(it.key) for it in items]
+    prefix: set[bytes] = set()
+    below_deeper: set[bytes] = set()  # attention blocks with a deeper state after them
+    for it, is_state in zip(items, state, strict=True):
+        if not is_state:
+            continue
+        prefix.add(it.parent)  # type: ignore[arg-type]
+        k = parent.get(it.parent)  # type: ignore[arg-type]
+        while k is not None and k not in below_deeper:  # marked ones had their ancestors too
+            below_deeper.add(k)
+            prefix.add(k)
+            k = parent.get(k)
+    return [("mid_state" if it.parent in below_deeper else "state") if is_state
+            else ("prefix" if it.key in prefix else "tail")
+            for it, is_state in zip(items, state, strict=True)]
 
 
 # -- backend --------------------------------------------------------------------------------
@@ -583,7 +621,17 @@ class RedisBackend(Backend):
         with self._lock:
             self._hits += hits
             self._misses += len(out) - hits
+        if hits and self._ttl is not None and self.target.ttl_tiers:
+            self._refresh([k for k, v in zip(keys, out, strict=True) if v is not None])
         return out
+
+    def _refresh(self, keys: list[bytes]) -> None:
+        """A restored key proved its worth: push its expiry to the top tier (``EXPIRE GT``
+        never shortens one, nor gives a pinned key an expiry). Best effort: a read that
+        succeeded does not fail because its refresh did."""
+        ttl = max(1, round(self._ttl * TTL_TIERS["prefix"]))  # type: ignore[operator]
+        with contextlib.suppress(*_ERRORS):
+            self._keyed(keys, lambda i: [("EXPIRE", keys[i], ttl, "GT")])
 
     def _get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """One MGET per hash slot (cluster) or per chunk (standalone); one batch per node."""
@@ -678,15 +726,17 @@ class RedisBackend(Backend):
             return 0
         ttl, limit = self._ttl, self.target.batch_bytes
         counts = {"stored": 0, "new": 0, "rejected": 0, "replaced": 0}
+        tiers = ttl_tiers(items) if ttl is not None and self.target.ttl_tiers else None
 
-        def build(chunk: Sequence[PutItem]) -> Callable[[int], list[_Cmd]]:
+        def build(chunk: Sequence[PutItem], at: int) -> Callable[[int], list[_Cmd]]:
             def cmds(i: int) -> list[_Cmd]:
                 it = chunk[i]
                 if ttl is None:
                     return [("SET", it.key, it.value, "NX")]
+                t = ttl if tiers is None else max(1, round(ttl * TTL_TIERS[tiers[at + i]]))
                 # EXPIRE GT refreshes an existing unpinned key and never adds a TTL to a
                 # pinned (persistent) one; on Redis < 7 it errors and is ignored.
-                return [("SET", it.key, it.value, "NX", "EX", ttl), ("EXPIRE", it.key, ttl, "GT")]
+                return [("SET", it.key, it.value, "NX", "EX", t), ("EXPIRE", it.key, t, "GT")]
 
             return cmds
 
@@ -699,7 +749,7 @@ class RedisBackend(Backend):
                     end += 1
                 chunk = items[start:end]
                 taken: list[PutItem] = []
-                for it, rs in zip(chunk, self._keyed([it.key for it in chunk], build(chunk)),
+                for it, rs in zip(chunk, self._keyed([it.key for it in chunk], build(chunk, start)),
                                   strict=True):
                     if _oom(rs[0]):
                         counts["rejected"] += 1
@@ -844,6 +894,7 @@ class RedisBackend(Backend):
                 ),
                 "redis_version": str(infos[0].get("redis_version", "?")),
                 "ttl_s": self._ttl or 0,
+                "ttl_tiers": self.target.ttl_tiers,
                 "parser": "hiredis" if HIREDIS_AVAILABLE else "python",
             },
         )

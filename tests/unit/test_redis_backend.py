@@ -605,3 +605,68 @@ def test_bench_runs_against_a_given_url(redis_target):
     assert r["mode"] == ("cluster" if redis_target.kind.startswith("cluster") else "standalone")
     with redis_target.backend() as b:  # the benchmark cleans up after itself
         assert list(b.scan(namespace_prefix(bytes.fromhex(r["namespace"])))) == []
+
+
+# -- eviction by value through expiry tiers ----------------------------------------------
+
+def _session(ns: bytes, name: str, size: int) -> tuple[list[PutItem], list[bytes]]:
+    """One save: attention blocks 1..8, a state at 1 (superseded by the one at 3), a state
+    at 3, and blocks 4..8 as a tail with no state after them."""
+    hashes = _hashes(8)
+    hashes = [hashlib.sha256(name.encode() + h).digest() for h in hashes]
+    items, parent = [], None
+    for h in hashes:
+        items.append(_item(ns, 3, h, parent, size))
+        parent = items[-1].key
+    for b in (1, 3):
+        items.append(_item(ns, 0, hashes[b - 1], BlockKey(ns, 0, 3, hashes[b - 1]).encode(),
+                           3 * size))
+    return items, hashes
+
+
+def test_ttl_tiers_of_one_save() -> None:
+    from kvtier.backends.redis import ttl_tiers
+
+    items, _ = _session(_namespace(), "s", 10)
+    assert ttl_tiers(items) == ["prefix"] * 3 + ["tail"] * 5 + ["mid_state", "state"]
+    assert ttl_tiers(items[:8]) == ["tail"] * 8  # no state: nothing to keep a prefix for
+
+
+def test_ttl_tiers_keep_restorable_states_under_volatile_ttl(redis_base) -> None:
+    """Redis under memory pressure with volatile-ttl evicts the key nearest expiry: with
+    tiers that is tails and superseded states, so more sessions stay restorable than
+    with one expiry for all, where whole old sessions go and new tails stay."""
+    from kvtier.testing.redis_servers import redis_standalone
+
+    conf = ["maxmemory 8mb", "maxmemory-policy volatile-ttl", "maxmemory-samples 10"]
+    groups = [GroupQuery(0, GroupKind.STATE), GroupQuery(3, GroupKind.ATTENTION)]
+    restorable, tails_left = {}, {}
+    for tiers in (False, True):
+        with redis_standalone(redis_base, extra_conf=conf) as s, \
+                RedisBackend(s.url(), ttl_s=3600, ttl_tiers=tiers) as b:
+            ns = _namespace()
+            sessions = [_session(ns, f"s{i}", 40_000) for i in range(30)]  # ~18 MB
+            for items, _ in sessions:
+                b.put_many(items)
+            assert b.stats().evictions > 0 and b.stats().extra["ttl_tiers"] is tiers
+            restorable[tiers] = sum(b.lookup(LookupQuery(ns, 0, h, 1, groups)).boundary == 3
+                                    for _, h in sessions)
+            tails_left[tiers] = sum(b.contains_many([it.key for it in items[3:8]]).count(True)
+                                    for items, _ in sessions)
+    assert restorable[True] >= restorable[False] + 4, restorable
+    assert tails_left[True] < tails_left[False], tails_left
+
+
+def test_ttl_tiers_needs_a_ttl_and_reads_refresh(redis_standalone_target) -> None:
+    url = redis_standalone_target.url
+    with pytest.raises(ValueError, match="ttl_tiers needs ttl_s"):
+        parse_redis_url(url + "?ttl_tiers=true")
+    ns = _namespace()
+    items, _ = _session(ns, "r", 100)
+    with RedisBackend(url, ttl_s=100, ttl_tiers=True) as b:
+        b.put_many(items)
+        raw = redis.Redis.from_url(url)
+        ttls = [raw.ttl(it.key) for it in items]
+        assert ttls[:3] == [200] * 3 and ttls[3:8] == [25] * 5 and ttls[8:] == [50, 100]
+        b.get_many([items[5].key])  # a restored key goes to the top tier
+        assert raw.ttl(items[5].key) == 200 and raw.ttl(items[4].key) == 25
