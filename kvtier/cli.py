@@ -67,7 +67,7 @@ def serve(
     capacity: Annotated[str, typer.Option(help="memory store size, e.g. 4GiB")] = "4GiB",
     backend: Annotated[str, typer.Option(help="memory (embedded, default) or redis")] = "memory",
     redis_url: Annotated[str | None, typer.Option(help="for --backend redis")] = None,
-    eviction: Annotated[str, typer.Option(help="memory store eviction: lru, fifo, value")] = "lru",
+    eviction: Annotated[str, typer.Option(help="store eviction: value, lru, fifo")] = "value",
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus /metrics port")] = None,
     bulk_port: Annotated[int, typer.Option(
         help="raw-TCP bulk read port (0: any free port; -1: off)")] = 0,

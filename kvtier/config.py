@@ -59,7 +59,7 @@ class ServerConfig(_Strict):
     capacity: int = Field(4 << 30, description="bytes of payload the memory store may hold")
     backend: Literal["memory", "redis"] = "memory"
     redis_url: str | None = None
-    eviction: Literal["lru", "fifo", "value"] = "lru"
+    eviction: Literal["lru", "fifo", "value"] = "value"
     metrics_port: int | None = Field(None, ge=0, le=65535)
     bulk_port: int | None = Field(
         0, ge=0, le=65535,

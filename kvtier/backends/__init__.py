@@ -1,6 +1,6 @@
 """Backend factory: a tier URL picks the medium.
 
-- ``memory://`` (optionally ``?capacity=4GiB&eviction=lru``): in-process store;
+- ``memory://`` (optionally ``?capacity=4GiB&eviction=value``): in-process store;
 - ``grpc://host:port``: a ``kvtier serve`` tier server (``grpcs://``: over TLS; CA, client
   certificate and bearer token as options or ``KVTIER_TLS_*`` / ``KVTIER_TOKEN[_FILE]``);
 - ``redis://`` / ``rediss://``: standalone Redis (ACL user/password and TLS in the URL);
@@ -35,7 +35,7 @@ def open_backend(url: str, **options: Any) -> Backend:
 
                 q = {k: v[-1] for k, v in parse_qs(urlsplit(url).query).items()}
                 capacity = parse_bytes(q.get("capacity", options.pop("capacity", 1 << 30)))
-                policy = q.get("eviction", options.pop("eviction", "lru"))
+                policy = q.get("eviction", options.pop("eviction", "value"))
                 _EMBEDDED[url] = MemoryBackend(capacity, policy=policy)
             return _EMBEDDED[url]
     if scheme in ("grpc", "grpcs"):

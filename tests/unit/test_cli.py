@@ -225,7 +225,7 @@ def test_stats_grpc(tier) -> None:
     assert s["capacity_bytes"] == 256 << 20
     assert s["bytes_used"] == sum(map(len, pop.values.values())) + pop.manifest_bytes
     assert s["evictions"] == 0 and s["pinned"] == 0
-    assert s["extra"]["policy"] == "lru"
+    assert s["extra"]["policy"] == "value"  # the default
 
     human = kvtier("stats", "--url", url)
     assert human.code == 0

@@ -89,7 +89,7 @@ def test_check_tier_url_lists_supported_schemes(url: str) -> None:
 def test_server_config_defaults() -> None:
     c = ServerConfig()
     assert (c.host, c.port, c.capacity, c.backend) == ("127.0.0.1", 7070, 4 * GiB, "memory")
-    assert (c.redis_url, c.eviction, c.metrics_port, c.max_workers) == (None, "lru", None, 8)
+    assert (c.redis_url, c.eviction, c.metrics_port, c.max_workers) == (None, "value", None, 8)
 
 
 def test_connector_config_defaults() -> None:

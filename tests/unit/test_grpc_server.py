@@ -157,7 +157,7 @@ def test_health_and_server_info(client: GrpcBackend, tier: TierProcess) -> None:
     s = client.stats()
     assert s.backend == "memory"
     assert s.capacity_bytes == 1 << 30
-    assert s.extra["policy"] == "lru"
+    assert s.extra["policy"] == "value"  # the default
     assert s.extra["server_version"] == h["version"]
     assert s.extra["server_uptime_s"] >= 0
 

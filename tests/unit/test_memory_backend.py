@@ -499,7 +499,7 @@ def test_memory_url_is_a_per_process_singleton_per_url() -> None:
     assert isinstance(a, MemoryBackend)
     s, so = a.stats(), other.stats()
     assert (s.capacity_bytes, s.extra["policy"]) == (1 << 20, "fifo")
-    assert (so.capacity_bytes, so.extra["policy"]) == (2 << 20, "lru")
+    assert (so.capacity_bytes, so.extra["policy"]) == (2 << 20, "value")
     a.put_many([PutItem(b"k", b"v")])
     assert open_backend(url).get_many([b"k"]) == [b"v"]
     assert other.get_many([b"k"]) == [None]
