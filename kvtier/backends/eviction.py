@@ -212,8 +212,8 @@ class LeafValue(EvictionPolicy):
     def _state_below(self, m: _Value) -> int:
         """Boundary of the nearest stored state on state ``m``'s prefix below it (0: none).
 
-        When that state is evicted ``m``'s priority grows (``victim`` re-queues it); when
-        one is stored below it later, the drop is seen only when ``m`` is next pushed."""
+        Grows when that state is evicted (``victim`` re-queues); shrinks, unseen until
+        ``m`` is next pushed, when one is stored below it later."""
         a = self._meta.get(m.parent)  # type: ignore[arg-type]
         while a is not None and a.parent is not None:
             below = a.parent
