@@ -130,16 +130,6 @@ class LeafValue(EvictionPolicy):
     that passed its prefix predict those that will land on it, so a state just
     saved at a busy junction is not evicted as a one-off before its first hit
     (0.25 was best on held-out trace seeds 4-6 of ``kvtier bench admission``).
-
-    A state's depth counts only the boundaries above the nearest stored state on its
-    prefix (Marconi's compute saved relative to the next-best prefix): evicted, its
-    requests restore there and recompute just those, so a deep state right above
-    another goes before a shallower one that is all its requests have. ``kvtier bench
-    admission`` token hit rate at 5% (chat/agentic/sysprompt/mix, mean of trace seeds),
-    tuned on seeds 10-14: 60.8/69.0/54.5/54.9 -> 59.6/69.5/56.9/57.0 (mean 59.8 ->
-    60.8); held-out seeds 0-4: 61.4/67.6/59.5/50.6 -> 60.4/67.8/61.0/51.8 (59.8 ->
-    60.3). At 20% no trace loses more than 0.12 on either set (means 84.6 -> 84.8 and
-    84.3 -> 84.5); 100% unchanged (nothing evicted).
     """
 
     name = "value"
@@ -202,25 +192,10 @@ class LeafValue(EvictionPolicy):
             prefix = self._meta.get(m.parent)  # type: ignore[arg-type]
             if prefix is not None:
                 hits = max(hits, self.prefix_prior * max(prefix.hits, 0))
-            depth = m.depth - self._state_below(m)  # what its requests would recompute
         else:
             kind = self.attention
-            depth = m.depth
-        return m.base + (depth ** self.depth_exponent * (1 + hits) * kind
-                         / max(m.size / (1 << 20), 1e-6))
-
-    def _state_below(self, m: _Value) -> int:
-        """Boundary of the nearest stored state on state ``m``'s prefix below it (0: none).
-
-        Grows when that state is evicted (``victim`` re-queues); shrinks, unseen until
-        ``m`` is next pushed, when one is stored below it later."""
-        a = self._meta.get(m.parent)  # type: ignore[arg-type]
-        while a is not None and a.parent is not None:
-            below = a.parent
-            a = self._meta.get(below)
-            if a is not None and self._states_on.get(below):
-                return a.depth
-        return 0
+        depth = m.depth ** self.depth_exponent
+        return m.base + depth * (1 + hits) * kind / max(m.size / (1 << 20), 1e-6)
 
     def victim(self, is_leaf) -> bytes | None:  # noqa: ANN001
         while self._heap:

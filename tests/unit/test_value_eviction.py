@@ -136,14 +136,3 @@ def test_fresh_state_on_a_busy_prefix_outlives_a_one_off(prior: float) -> None:
         assert ("J2", STATE) in kept and ("U2", STATE) not in kept
     else:  # equal value without the prior: the older one goes
         assert ("J2", STATE) not in kept and ("U2", STATE) in kept
-
-
-def test_depth_counts_from_the_nearest_state_below() -> None:
-    """A4s sits one boundary above the (hot) A3s: evicted, its requests restore at A3 and
-    recompute one boundary. B2s is all its requests have: evicted, they recompute two.
-    By whole depth A4s (4) would outlive B2s (2)."""
-    a3 = key(STATE, "A3")
-    kept = survivors("value", 16, put(chain("A", 4, (3, 4))), read(a3), read(a3), read(a3),
-                     put(chain("B", 2, (2,))), put(chain("C", 1, (1,))))
-    assert {"A3s", "B2s", "C1s"} <= kept
-    assert "A4s" not in kept
