@@ -129,7 +129,7 @@ class LeafValue(EvictionPolicy):
     A state's hits are at least ``prefix_prior`` x its attention block's: requests
     that passed its prefix predict those that will land on it, so a state just
     saved at a busy junction is not evicted as a one-off before its first hit
-    (0.25 was best on held-out trace seeds 4-6 of ``kvtier bench admission``).
+    (0.25: chosen on trace seeds 0-3 of ``kvtier bench admission``, checked on 4-6).
     """
 
     name = "value"
