@@ -194,7 +194,7 @@ class ArenaMemoryBackend(MemoryBackend):
         :meth:`put_many`'s; ``capacity_bytes`` bounds them as any put, and an extent
         that is not adopted (refused, kept, no room) goes back with the reservation."""
         stored = nbytes = 0
-        with self._lock:
+        with self._lock, self._batch(parent for _, _, parent, _ in items):
             got = self._reserved.pop(reservation, None)
             if got is None:
                 return 0, 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from kvtier.backends.base import Backend, BackendStats, EntryInfo, PutItem
@@ -44,6 +45,7 @@ class MemoryBackend(Backend):
         self._lock = threading.Lock()
         self._hits = self._misses = self._puts = self._evictions = self._rejected = 0
         self._replaced = 0
+        self._pending: frozenset[bytes] | set[bytes] = frozenset()  # see _batch
 
     # -- reads -------------------------------------------------------------
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
@@ -76,8 +78,24 @@ class MemoryBackend(Backend):
 
     # -- writes ------------------------------------------------------------
     def put_many(self, items: Sequence[PutItem]) -> int:
-        with self._lock:
+        with self._lock, self._batch(it.parent for it in items):
             return sum(self._put(it) for it in items)
+
+    @contextmanager
+    def _batch(self, parents: Iterable[bytes | None]) -> Iterator[None]:
+        """While one put stores its items (lock held), a key that one of them names as
+        ``parents`` is not evicted: a state is saved after the attention block it sits on,
+        which is a leaf until then, and a value-aware policy would evict that cheap leaf
+        first, leaving the state without its prefix. Afterwards they are leaves again."""
+        pending = {p for p in parents if p is not None}
+        self._pending = pending
+        try:
+            yield
+        finally:
+            self._pending = frozenset()
+            for k in pending:  # a victim search may have dropped them as non-leaves
+                if self._is_leaf(k):
+                    self._policy.leaf(k)
 
     def _put(self, it: PutItem, at: object = None) -> int:
         """Store one item (lock held): 1 if the store holds it now, else 0. Every rule of
@@ -199,7 +217,8 @@ class MemoryBackend(Backend):
     # -- internals (lock held) --------------------------------------------
     def _is_leaf(self, key: bytes) -> bool:
         e = self._entries.get(key)
-        return e is not None and e.children == 0 and not e.pinned and not e.leases
+        return (e is not None and e.children == 0 and not e.pinned and not e.leases
+                and key not in self._pending)
 
     def _read(self, e: _Entry) -> bytes:
         return e.value

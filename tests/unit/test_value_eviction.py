@@ -136,3 +136,31 @@ def test_fresh_state_on_a_busy_prefix_outlives_a_one_off(prior: float) -> None:
         assert ("J2", STATE) in kept and ("U2", STATE) not in kept
     else:  # equal value without the prior: the older one goes
         assert ("J2", STATE) not in kept and ("U2", STATE) in kept
+
+
+def test_a_state_saved_after_its_block_in_one_put_keeps_its_prefix() -> None:
+    """A chain's last block is a cheap leaf until its state arrives later in the same put;
+    making room for an earlier state of that put must not evict it (under value eviction
+    it did, and the last state was stored without its prefix)."""
+    store = MemoryBackend(8 * MIB, policy="value")
+    store.put_many(chain("X", 1, (1,)))
+    store.put_many(chain("Y", 2, ()) + [
+        PutItem(key(STATE, f"Y{b}"), b"s" * (3 * MIB), key(ATTN, f"Y{b}")) for b in (1, 2)])
+    kept = {BlockKey.decode(e.key).block_hash.decode() + ("s" if BlockKey.decode(e.key).group
+                                                          else "") for e in store.scan()}
+    assert kept == {"Y1", "Y2", "Y1s", "Y2s"}
+
+
+def test_a_block_kept_for_a_state_that_never_came_is_evictable_again() -> None:
+    """The victim search passes over the protected block during the put; when the put
+    ends without its state (refused: too big), the block must be a leaf to the policy
+    again, and the cheapest one, rather than stay for ever."""
+    store = MemoryBackend(8 * MIB, policy="value")
+    store.put_many(chain("X", 1, (1,)))
+    store.put_many(chain("Y", 2, ()) + [
+        PutItem(key(STATE, "Y1"), b"s" * (3 * MIB), key(ATTN, "Y1")),
+        PutItem(key(STATE, "Y2"), b"s" * (9 * MIB), key(ATTN, "Y2"))])  # > capacity
+    store.put_many(chain("Z", 1, (1,)))
+    kept = {BlockKey.decode(e.key).block_hash.decode() + ("s" if BlockKey.decode(e.key).group
+                                                          else "") for e in store.scan()}
+    assert kept == {"Y1", "Y1s", "Z1", "Z1s"}
