@@ -103,6 +103,13 @@ def group_of(key: bytes) -> bytes | None:
     return parts[3] if len(parts) == 5 else None
 
 
+def is_state_link(key: bytes, parent: bytes | None) -> bool:
+    """Whether a put of ``key`` with writer-declared ``parent`` is a recurrent state: states
+    hang off the attention block at their boundary (another group), attention blocks off
+    the previous block of their own group."""
+    return parent is not None and group_of(parent) != group_of(key)
+
+
 def namespace_prefix(namespace: bytes | None = None) -> bytes:
     """Key prefix selecting every block (of one namespace, if given)."""
     if namespace is None:

@@ -13,7 +13,7 @@ import itertools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from kvtier.keys import group_of
+from kvtier.keys import is_state_link
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +149,7 @@ class LeafValue(EvictionPolicy):
     def added(self, key: bytes, meta: EntryMeta) -> None:
         self._drop(key)
         p = self._meta.get(meta.parent) if meta.parent is not None else None
-        state = meta.parent is not None and group_of(meta.parent) != group_of(key)
+        state = is_state_link(key, meta.parent)
         depth = (p.depth if p else 1) if state else (p.depth + 1 if p else 1)
         self._meta[key] = _Value(meta.size, meta.parent, state, depth, hits=-1)
         if meta.parent is None:

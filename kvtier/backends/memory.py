@@ -45,7 +45,7 @@ class MemoryBackend(Backend):
         self._lock = threading.Lock()
         self._hits = self._misses = self._puts = self._evictions = self._rejected = 0
         self._replaced = 0
-        self._pending: frozenset[bytes] | set[bytes] = frozenset()  # see _batch
+        self._pending: set[bytes] = set()  # see _batch
 
     # -- reads -------------------------------------------------------------
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
@@ -92,7 +92,7 @@ class MemoryBackend(Backend):
         try:
             yield
         finally:
-            self._pending = frozenset()
+            self._pending = set()
             for k in pending:  # a victim search may have dropped them as non-leaves
                 if self._is_leaf(k):
                     self._policy.leaf(k)

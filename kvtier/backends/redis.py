@@ -78,7 +78,7 @@ from redis.retry import Retry
 from redis.utils import HIREDIS_AVAILABLE
 
 from kvtier.backends.base import Backend, BackendError, BackendStats, EntryInfo, PutItem
-from kvtier.keys import group_of, namespace_prefix
+from kvtier.keys import is_state_link, namespace_prefix
 from kvtier.payload import KEEP, REFUSE, REPLACE, put_verdict
 
 _SCHEMES = {
@@ -384,11 +384,10 @@ TTL_TIERS = {"tail": 0.25, "mid_state": 0.5, "state": 1.0, "prefix": 2.0}
 
 
 def ttl_tiers(items: Sequence[PutItem]) -> list[str]:
-    """The :data:`TTL_TIERS` tier of each item of one save, from its parent links: a state
-    hangs off the attention block at its boundary (another group), an attention block off
-    the previous one of its group."""
+    """The :data:`TTL_TIERS` tier of each item of one save, from its parent links
+    (:func:`kvtier.keys.is_state_link`)."""
     parent = {it.key: it.parent for it in items}
-    state = [it.parent is not None and group_of(it.parent) != group_of(it.key) for it in items]
+    state = [is_state_link(it.key, it.parent) for it in items]
     prefix: set[bytes] = set()
     below_deeper: set[bytes] = set()  # attention blocks with a deeper state after them
     for it, is_state in zip(items, state, strict=True):

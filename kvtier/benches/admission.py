@@ -64,7 +64,9 @@ def _bounds(loaded: report.Loaded) -> tuple[float, float]:
     res = replay.Simulator(model, "dense", "lru", 1 << 62).run(loaded.prepared)
     B = model.block_tokens
     landed = {p.hashes[h // B - 1] for p, h in zip(loaded.prepared, res.hits) if h}
-    attention = len({h for p in loaded.prepared for h in p.hashes}) * model.attention_block_bytes
+    # the working set is every distinct boundary's attention block + state
+    attention = loaded.working_set * model.attention_block_bytes // (
+        model.attention_block_bytes + model.state_bytes)
     stored = attention + len(landed) * model.state_bytes
     return res.token_hit_rate, stored / max(res.hit_tokens, 1)
 
@@ -100,11 +102,8 @@ def _cells(rows: list[dict], n_seeds: int) -> list[dict]:
                 "token_hit_rate": mean(r["token_hit_rate"] for r in runs),
                 "bytes_per_hit_token": mean(r["bytes_per_hit_token"] for r in runs),
                 "upload_bytes": mean(r["upload_bytes"] for r in runs)}
-        cell["ceiling_hit_rate"] = mean(by["dense+lru"]["ceiling_hit_rate"]
-                                        for by in by_seed.values())
-        cell["clairvoyant_bytes_per_hit_token"] = mean(
-            by["dense+lru"]["clairvoyant_bytes_per_hit_token"]
-                                                 for by in by_seed.values())
+        for bound in ("ceiling_hit_rate", "clairvoyant_bytes_per_hit_token"):
+            cell[bound] = mean(by["dense+lru"][bound] for by in by_seed.values())
         cell["goals"] = {g: {"met": sum(s[g][0] for s in per_seed),
                              "attainable": sum(s[g][1] for s in per_seed)}
                          for g in per_seed[0]}

@@ -216,7 +216,7 @@ def simulate(reqs: Sequence[Request] | Sequence[Prepared], model: ModelSpec,
 def predict_hit_tokens(requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                        boundary_tokens: int, state_bytes_per_boundary: int,
                        kv_bytes_per_token: int, admission: str = "default",
-                       eviction: str | EvictionPolicy = "value", capacity_bytes: int = 1 << 50,
+                       eviction: str = "value", capacity_bytes: int = 1 << 50,
                        chunk_tokens: int = 8192, in_chunk_checkpoints: bool = False,
                        save_decoded: bool = True) -> list[int]:
     """Tokens each request (prompt ids, output ids), run in order, should restore from
